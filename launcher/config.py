@@ -1,0 +1,534 @@
+"""The job configuration: one YAML (cluster · launch · train) loaded once into a typed tree.
+
+Everything downstream (the plan, the SSH runner, `python -m train` on every rank) reads the
+`JobConfig` built here and never a raw dict. This module imports no torch: the launcher and the
+training entrypoint share it, and `mlaunch plan` must stay instant.
+
+Errors are `ConfigError`s whose message names the file, the line and the field, and how to fix it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from launcher.errors import ConfigError
+
+DEFAULT_DATASET = "bitext/Bitext-customer-support-llm-chatbot-training-dataset"
+# The product tutorial's prompt, kept as the default so a plain config reproduces its recipe.
+TUTORIAL_TEMPLATE = "[INST] {instruction} \n Category is {category} \n Intent is {intent} [/INST]\n{response}"
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors (a silently ignored key is the classic bug)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------- cluster
+class NodeSpec(Section):
+    host: str = Field(description="SSH host name or address of the node (an alias of ~/.ssh/config works too).")
+    port: int | None = Field(None, ge=1, le=65535, description="SSH port; default `cluster.ssh.port`.")
+    user: str | None = Field(None, description="SSH user; default `cluster.ssh.user`, then ~/.ssh/config, then the local user.")
+    addr: str | None = Field(None, description="Address the other nodes use to reach this node (rendezvous, NCCL/gloo); default: `host` resolved on the launching machine.")
+    name: str | None = Field(None, description="Short name used in log prefixes and `<output_dir>/logs/<name>.log`; default `host` (plus `:port` when ports differ).")
+    identity_file: str | None = Field(None, description="Private key for this node; default `cluster.ssh.identity_file`.")
+    gpus: int | None = Field(None, ge=0, description="GPUs on this node, used when `launch.nproc_per_node: auto` cannot ask the node (plan only).")
+
+    @field_validator("host")
+    @classmethod
+    def _host_not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("host must not be empty")
+        return v
+
+
+class SSHSettings(Section):
+    user: str | None = Field(None, description="Default SSH user for every node.")
+    port: int = Field(22, ge=1, le=65535, description="Default SSH port for every node.")
+    identity_file: str | None = Field(None, description="Default private key; else ssh-agent and ~/.ssh/id_* keys.")
+    known_hosts: str = Field("~/.ssh/known_hosts", description="known_hosts file that host keys are checked against.")
+    host_key_policy: Literal["reject", "accept-new"] = Field("reject", description="`reject`: unknown host keys are refused (fix with ssh-keyscan); `accept-new`: an unknown key is recorded on first use. A changed key is always refused.")
+    config_file: str | None = Field("~/.ssh/config", description="OpenSSH client config honoured for HostName, User, Port, IdentityFile, ProxyJump (ignored if missing).")
+    proxy_jump: str | None = Field(None, description="Jump host (`user@host:port`) for every node, like `ssh -J`.")
+    connect_timeout_s: float = Field(10.0, gt=0, description="Deadline for TCP connect + SSH handshake + auth, per node.")
+    keepalive_s: int = Field(15, ge=0, description="SSH keepalive interval; a dead connection is noticed within ~3 intervals (0 = off).")
+    max_parallel: int = Field(32, ge=1, description="Connections opened at once.")
+
+
+class GPUSpec(Section):
+    type: str = Field("H100", description="GPU model for the `auto` planner's defaults (H100, H200, A100-80GB, A100-40GB, A10, L4, RTX4090, cpu).")
+    memory_gb: float | None = Field(None, gt=0, description="Per-GPU memory; default from `type`.")
+    peak_tflops: float | None = Field(None, gt=0, description="Dense bf16 peak per GPU; default from `type`.")
+    intra_node_gbps: float | None = Field(None, gt=0, description="Per-GPU intra-node bandwidth in GB/s (NVLink); default from `type`.")
+    inter_node_gbps: float | None = Field(None, gt=0, description="Per-node inter-node bandwidth in GB/s (InfiniBand/Ethernet); default from `type`.")
+
+
+DEFAULT_PASSTHROUGH = ["NCCL_*", "GLOO_*", "HF_*", "WANDB_*", "TORCH_*", "PYTORCH_*", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS"]
+
+
+class ClusterConfig(Section):
+    nodes: list[NodeSpec] = Field(description="The nodes, in node-rank order; the first is the rendezvous master unless `launch.rdzv.endpoint` is set.")
+    ssh: SSHSettings = Field(default_factory=SSHSettings, description="SSH connection settings shared by all nodes.")
+    workdir: str = Field("~/mlaunch", description="Directory on every node holding the project (shared filesystem, or the target of `sync`); jobs run from here.")
+    python: str = Field("python3", description="Python interpreter on the nodes (torchrun is run as `<python> -m torch.distributed.run`).")
+    setup: str | None = Field(None, description="Shell prelude run before the job on every node, e.g. `source ~/venv/bin/activate`.")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment set for the job on every node (values are quoted, never evaluated by a shell).")
+    env_passthrough: list[str] = Field(default_factory=lambda: list(DEFAULT_PASSTHROUGH), description="Glob patterns of local environment variables passed to every node; nothing else is passed implicitly.")
+    sync: bool = Field(False, description="Push the project to each node's `workdir` over SFTP before the run (only changed files).")
+    sync_exclude: list[str] = Field(default_factory=list, description="Extra glob patterns not pushed by `sync` (.git, virtualenvs, __pycache__ and run outputs never are).")
+    gpu: GPUSpec = Field(default_factory=GPUSpec, description="Hardware facts for the `auto` planner.")
+
+    @field_validator("nodes")
+    @classmethod
+    def _nodes_valid(cls, nodes: list[NodeSpec]) -> list[NodeSpec]:
+        if not nodes:
+            raise ValueError("the node list is empty; add at least one `- host: ...`")
+        return nodes
+
+    @model_validator(mode="after")
+    def _unique_nodes(self) -> "ClusterConfig":
+        seen: dict[tuple[str, int], int] = {}
+        for i, node in enumerate(self.nodes):
+            key = (node.host, node.port or self.ssh.port)
+            if key in seen:
+                raise ValueError(f"nodes {seen[key]} and {i} are the same host {key[0]}:{key[1]}; each node must appear once")
+            seen[key] = i
+        names = [self.node_name(i) for i in range(len(self.nodes))]
+        if len(set(names)) != len(names):
+            raise ValueError("node names are not unique; set `name:` on the nodes that share a host")
+        return self
+
+    def node_port(self, i: int) -> int:
+        return self.nodes[i].port or self.ssh.port
+
+    def node_name(self, i: int) -> str:
+        node = self.nodes[i]
+        if node.name:
+            return node.name
+        hosts = [n.host for n in self.nodes]
+        return node.host if hosts.count(node.host) == 1 else f"{node.host}:{self.node_port(i)}"
+
+
+# ---------------------------------------------------------------------------------------- launch
+class RendezvousConfig(Section):
+    backend: Literal["c10d", "static"] = Field("c10d", description="`c10d`: torchrun's elastic rendezvous; `static`: `--master-addr/--master-port/--node-rank` (node ranks follow the node list).")
+    endpoint: str | None = Field(None, description="`host[:port]` of the rendezvous; default: the first node's `addr` and `port`.")
+    port: int = Field(29400, ge=1, le=65535, description="Rendezvous port on the master node (checked free before the start).")
+    id: str | None = Field(None, description="Rendezvous id; default: a new unique id per run.")
+    join_timeout_s: int = Field(600, ge=1, description="How long nodes wait for each other at rendezvous before failing.")
+
+
+class LaunchConfig(Section):
+    nproc_per_node: int | Literal["auto"] = Field("auto", description="Worker processes per node; `auto` = the node's GPU count (`cluster.nodes[].gpus` in plans), 1 on CPU.")
+    nnodes: str | None = Field(None, description="`N` or `MIN:MAX` (elastic); default: the number of nodes.")
+    rdzv: RendezvousConfig = Field(default_factory=RendezvousConfig, description="Rendezvous settings.")
+    max_restarts: int = Field(0, ge=0, description="torchrun restarts of the worker group after a failure.")
+    monitor_interval_s: float = Field(1.0, gt=0, description="torchrun's worker health-check interval.")
+    local_ranks_filter: list[int] | None = Field(None, description="Only these local ranks' output is shown (torchrun `--local-ranks-filter`); errors always print.")
+    grace_period_s: float = Field(10.0, ge=0, description="On stop: seconds between SIGTERM and SIGKILL.")
+
+    @field_validator("nproc_per_node")
+    @classmethod
+    def _positive_nproc(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be >= 1 or `auto`")
+        return v
+
+    @field_validator("nnodes")
+    @classmethod
+    def _nnodes_format(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        v = str(v)
+        m = re.fullmatch(r"(\d+)(?::(\d+))?", v)
+        if not m or int(m.group(1)) < 1 or (m.group(2) and int(m.group(2)) < int(m.group(1))):
+            raise ValueError(f"`{v}` is not `N` or `MIN:MAX` with 1 <= MIN <= MAX")
+        return v
+
+
+# ----------------------------------------------------------------------------------------- train
+Variant = Literal["auto", "baichuan-7b", "baichuan-13b", "baichuan2-7b", "baichuan2-13b"]
+
+
+class ModelInit(Section):
+    """Dimensions of a model built from scratch (tests, the tiny default); weights randomly initialised."""
+
+    hidden_size: int = Field(64, ge=1, description="Hidden size.")
+    intermediate_size: int = Field(172, ge=1, description="SwiGLU inner size.")
+    num_hidden_layers: int = Field(2, ge=1, description="Decoder layers.")
+    num_attention_heads: int = Field(4, ge=1, description="Attention heads (must divide hidden_size).")
+    vocab_size: int | None = Field(None, ge=3, description="Vocabulary; default: the tokenizer's size.")
+    max_position_embeddings: int = Field(4096, ge=1, description="RoPE table size.")
+    initializer_range: float = Field(0.02, gt=0, description="Std of the normal weight init.")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelInit":
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must divide hidden_size ({self.hidden_size})")
+        return self
+
+
+class ModelConfig(Section):
+    name_or_path: str | None = Field(None, description="Hub name (e.g. `baichuan-inc/Baichuan2-13B-Base`, read through the HF cache) or a local checkpoint folder; unset = build from `init`.")
+    init: ModelInit | None = Field(None, description="Build a randomly initialised model of these dimensions instead of loading one.")
+    variant: Variant = Field("auto", description="Which Baichuan: `auto` reads config.json; with `init`, `auto` means baichuan2-7b's layout.")
+    position: Literal["auto", "rope", "alibi"] = Field("auto", description="Override the position scheme (tiny models carry no tell-tale).")
+    norm_head: bool | None = Field(None, description="Override Baichuan2's NormHead (default: from the variant).")
+    z_loss_weight: float | None = Field(None, ge=0, description="z-loss weight (default: from config.json, else 0).")
+    activation_checkpointing: Literal["none", "selective", "full"] = Field("none", description="Recompute activations in backward: `selective` (every other layer) or `full` (every layer).")
+
+    @model_validator(mode="after")
+    def _source(self) -> "ModelConfig":
+        if self.name_or_path is None and self.init is None:
+            raise ValueError("set `name_or_path` (hub name or local folder) or `init` (dimensions of a new model)")
+        if self.name_or_path is not None and self.init is not None:
+            raise ValueError("set only one of `name_or_path` and `init`")
+        return self
+
+
+class TokenizerConfig(Section):
+    path: str | None = Field(None, description="SentencePiece `tokenizer.model`; default: the one in the model's folder.")
+    train_vocab_size: int | None = Field(None, ge=16, description="When no tokenizer exists: train a SentencePiece BPE of this size on the training data (cached in output_dir).")
+
+
+class ColumnMap(Section):
+    instruction: str = Field("instruction", description="Column holding the user's request.")
+    response: str = Field("response", description="Column holding the agent's answer.")
+    category: str = Field("category", description="Column holding the category.")
+    intent: str = Field("intent", description="Column holding the intent.")
+    flags: str | None = Field(None, description="Column of language-variation flags (`flags` in the hub schema, `tags` in the older release); not used by the default template.")
+
+
+class DataConfig(Section):
+    path: str = Field(DEFAULT_DATASET, description="Hub dataset name or a local .csv/.json/.jsonl/.parquet file (or folder).")
+    split: str = Field("train", description="Split to read.")
+    columns: ColumnMap = Field(default_factory=ColumnMap, description="Which columns fill the template.")
+    template: str = Field(TUTORIAL_TEMPLATE, description="Prompt template (Python format fields from `columns`); the text up to `{response}` is the prompt.")
+    max_length: int = Field(1024, ge=8, description="Tokens per example after truncation (EOS included).")
+    loss_on: Literal["all", "response"] = Field("all", description="`all`: loss on every non-pad token (the tutorial's); `response`: only on the answer.")
+    batching: Literal["length_grouped", "pad_to_max"] = Field("length_grouped", description="`length_grouped`: batches of similar lengths, padded to the longest (no compute on padding); `pad_to_max`: the tutorial's pad-to-max_length.")
+    micro_batch_size: int = Field(8, ge=1, description="Examples per rank per forward pass.")
+    eval_fraction: float = Field(0.02, ge=0, lt=1, description="Held-out fraction for eval loss (0 = no eval split).")
+    max_rows: int | None = Field(None, ge=1, description="Use only the first N rows (quick runs).")
+    bad_rows: Literal["skip", "error"] = Field("skip", description="Rows with missing/empty/non-text fields: `skip` and count them, or `error` naming the row.")
+    num_proc: int = Field(1, ge=1, description="Processes for tokenisation (done once per node, cached by datasets' fingerprint).")
+
+
+class OptimConfig(Section):
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    implementation: Literal["auto", "fused", "foreach", "for-loop"] = Field("auto", description="AdamW kernel: `auto` = fused on GPU, foreach on CPU.")
+
+
+class ScheduleConfig(Section):
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    decay: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup, down to `min_lr_ratio`·lr at the last step.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a fraction of the peak.")
+
+
+class ParallelConfig(Section):
+    strategy: Literal["ddp", "fsdp", "hsdp", "pipeline", "auto"] = Field("ddp", description="`ddp`, `fsdp` (FSDP2 fully_shard), `hsdp` (shard in a node, replicate across), `pipeline` (with `pp` stages; × data parallel when world > pp), or `auto` (the planner picks and says why).")
+    pp: int = Field(1, ge=1, description="Pipeline stages (strategy `pipeline`); the remaining factor of the world size is data parallel.")
+    dp_shard: bool = Field(False, description="With `pipeline`: shard each stage with FSDP instead of DDP across its data-parallel replicas.")
+    schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = Field("1f1b", description="Pipeline schedule.")
+    microbatches: int | None = Field(None, ge=1, description="Pipeline microbatches per step; default 2·pp.")
+    stages_per_rank: int = Field(2, ge=1, description="Virtual stages per rank for `interleaved_1f1b`.")
+    reshard_after_forward: bool = Field(True, description="FSDP: free gathered parameters after forward (less memory, one more all-gather).")
+    cpu_offload: bool = Field(False, description="FSDP: keep parameters and optimizer state in CPU memory.")
+    mixed_precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="`auto`: bf16 compute with fp32 reduce/master weights on GPU, fp32 on CPU.")
+    memory_budget: float = Field(0.9, gt=0, le=1, description="`auto`: fraction of GPU memory a plan may use.")
+
+
+class CheckpointConfig(Section):
+    every_steps: int | None = Field(None, ge=1, description="Save a resumable checkpoint every N optimizer steps (and at the end); unset = only at the end.")
+    keep: int = Field(2, ge=1, description="Keep the newest K complete checkpoints.")
+    resume: str = Field("auto", description="`auto`: continue from the newest complete checkpoint in `dir`; `never`; or a checkpoint path.")
+    dir: str | None = Field(None, description="Checkpoint folder; default `<output_dir>/checkpoints`.")
+    export: bool = Field(True, description="At the end, write the fine-tuned model in the hub layout (safetensors + config.json + tokenizer.model) to `<output_dir>/export`.")
+
+
+class TrainConfig(Section):
+    model: ModelConfig = Field(description="Which model to fine-tune.")
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="Tokenizer source.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Dataset, prompt and batching.")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer.")
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Learning-rate schedule.")
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Parallel strategy.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing and resume.")
+    epochs: int = Field(1, ge=1, description="Passes over the training data (ignored when `max_steps` is set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    clip_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm (unset = no clipping).")
+    seed: int = Field(42, description="Seed for init, data order and dropout-free RNG streams.")
+    log_every: int = Field(1, ge=1, description="Log (progress bar, metrics.jsonl) every N steps.")
+    eval_every: int | None = Field(None, ge=1, description="Eval loss on the held-out split every N steps (and at the end).")
+    output_dir: str = Field("runs/default", description="Run outputs: resolved config, logs, metrics.jsonl, checkpoints, export.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: CUDA (NCCL) when available, else CPU (gloo).")
+    tensorboard: bool = Field(False, description="Also write TensorBoard scalars (when tensorboard is installed).")
+
+
+class JobConfig(Section):
+    name: str | None = Field(None, description="Job name (rendezvous id prefix, log headers); default: the YAML file's stem.")
+    cluster: ClusterConfig | None = Field(None, description="The nodes (inline, or a path to a cluster YAML); unset = this machine only.")
+    launch: LaunchConfig = Field(default_factory=LaunchConfig, description="torchrun settings.")
+    train: TrainConfig = Field(description="What every rank runs.")
+
+
+# ------------------------------------------------------------------------------------ loading
+@dataclass
+class SourceMap:
+    """Where each key of the merged YAML tree came from, for `file:line` in error messages."""
+
+    lines: dict[tuple, tuple[str, int]] = field(default_factory=dict)
+
+    def locate(self, path: tuple) -> str:
+        # Walk up until a located ancestor: a missing key is reported at its parent mapping.
+        while path:
+            if path in self.lines:
+                file, line = self.lines[path]
+                return f"{file}:{line}" if line else file
+            path = path[:-1]
+        return self.lines.get((), ("<config>", 1))[0]
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _compose(text: str, file: str, prefix: tuple, smap: SourceMap) -> Any:
+    """YAML text → plain Python data, recording the line of every key and list item."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{file}:{mark.line + 1}" if mark else file
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML: {problem}; fix the syntax (indentation, quotes, colons)") from e
+    smap.lines.setdefault(prefix, (file, 1))
+    return _to_python(root, file, prefix, smap)
+
+
+def _to_python(node: yaml.Node | None, file: str, path: tuple, smap: SourceMap) -> Any:
+    if node is None:
+        return None
+    if isinstance(node, yaml.MappingNode):
+        out: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            key = yaml.SafeLoader(" ").construct_object(key_node) if not isinstance(key_node, yaml.ScalarNode) else key_node.value
+            if not isinstance(key, str):
+                raise ConfigError(f"{file}:{key_node.start_mark.line + 1}: keys must be strings, got {key!r}")
+            if key in out:
+                raise ConfigError(f"{file}:{key_node.start_mark.line + 1}: duplicate key `{'.'.join(map(str, path + (key,)))}`; keep one")
+            smap.lines[path + (key,)] = (file, key_node.start_mark.line + 1)
+            out[key] = _to_python(value_node, file, path + (key,), smap)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        items = []
+        for i, item in enumerate(node.value):
+            smap.lines[path + (i,)] = (file, item.start_mark.line + 1)
+            items.append(_to_python(item, file, path + (i,), smap))
+        return items
+    if node.tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float") and ":" in node.value:
+        # YAML 1.1 reads `2:4` as sexagesimal 124; here it always means `MIN:MAX` or `host:port`.
+        return node.value
+    value = yaml.SafeLoader(" ").construct_object(node)
+    if isinstance(value, str) and "$" in value:
+        value = _interpolate(value, f"{file}:{node.start_mark.line + 1}", path)
+    return value
+
+
+def _interpolate(value: str, where: str, path: tuple) -> str:
+    def sub(m: re.Match) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{where}: `{_dotted(path)}` uses ${{{name}}} but {name} is not set; export it or write ${{{name}:-default}}")
+
+    return _ENV.sub(sub, value)
+
+
+def _dotted(path: tuple) -> str:
+    return ".".join(f"[{p}]" if isinstance(p, int) else p for p in path).replace(".[", "[")
+
+
+def _section_fields(path: tuple) -> list[str]:
+    """Field names allowed at `path`, for "did you mean" hints."""
+    model: Any = JobConfig
+    for part in path:
+        if isinstance(part, int):
+            continue
+        info = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if info is None:
+            return []
+        model = _section_type(info.annotation)
+        if model is None:
+            return []
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _explain(err: dict, smap: SourceMap) -> str:
+    loc = tuple(err["loc"])
+    # pydantic puts union/literal branch names into loc (e.g. 'int', "literal['auto']"): drop them.
+    names = _all_field_names()
+    clean = tuple(p for i, p in enumerate(loc)
+                  if isinstance(p, int) or p in names or (i == len(loc) - 1 and err["type"] == "extra_forbidden"))
+    where = smap.locate(clean)
+    name = _dotted(clean) or "(top level)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        key = clean[-1]
+        allowed = _section_fields(clean[:-1])
+        close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+        hint = f"did you mean `{close[0]}`?" if close else f"allowed keys: {', '.join(allowed)}"
+        return f"{where}: unknown key `{name}`; {hint}"
+    if kind == "missing":
+        return f"{where}: `{name}` is required; add it"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    got = err.get("input")
+    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    return f"{where}: `{name}`: {msg}{shown}"
+
+
+_FIELD_NAMES: set[str] = set()
+
+
+def _all_field_names() -> set[str]:
+    if not _FIELD_NAMES:
+        stack: list[type[BaseModel]] = [JobConfig]
+        while stack:
+            model = stack.pop()
+            for fname, info in model.model_fields.items():
+                _FIELD_NAMES.add(fname)
+                sub = _section_type(info.annotation)
+                if sub is not None and sub is not model:
+                    stack.append(sub)
+    return _FIELD_NAMES
+
+
+def parse_override(item: str) -> tuple[tuple[str, ...], Any]:
+    """`a.b.c=value` → (('a','b','c'), typed value). The value is read as YAML (2e-5 → float)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. --set train.optim.lr=2e-5")
+    key, raw = item.split("=", 1)
+    parts = tuple(key.strip().split("."))
+    if not all(parts):
+        raise ConfigError(f"--set {item!r}: `{key}` is not a dotted key like train.optim.lr")
+    try:
+        # `1:4` stays text (YAML 1.1 would read it as the sexagesimal number 64).
+        value = raw.strip() if re.fullmatch(r"[-+]?\d+(:\d+)+", raw.strip()) else yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # not YAML: keep the literal text, the schema decides whether a string is fine
+    return parts, value
+
+
+def _apply_override(data: dict, parts: tuple[str, ...], value: Any, item: str, smap: SourceMap) -> None:
+    node: Any = data
+    for depth, part in enumerate(parts[:-1]):
+        allowed = _section_fields(parts[:depth])
+        if allowed and part not in allowed:
+            close = difflib.get_close_matches(part, allowed, n=1, cutoff=0.6)
+            hint = f"did you mean `{close[0]}`?" if close else f"allowed keys: {', '.join(allowed)}"
+            raise ConfigError(f"--set {item}: unknown key `{'.'.join(parts[:depth + 1])}`; {hint}")
+        if not isinstance(node.get(part), dict):
+            if isinstance(node.get(part), list):
+                raise ConfigError(f"--set {item}: `{'.'.join(parts[:depth + 1])}` is a list; edit it in the YAML")
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+    smap.lines[parts] = (f"--set {item}", 0)
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Read a job YAML (plus `--set` overrides) into a validated `JobConfig`, or raise ConfigError."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{file}: config file not found; pass the path of a job YAML such as configs/tiny.yaml")
+    smap = SourceMap()
+    data = _compose(file.read_text(), str(file), (), smap)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}:1: a job YAML is a mapping with `cluster`, `launch` and `train` sections")
+    if isinstance(data.get("cluster"), str):
+        data["cluster"] = _load_cluster_file(file.parent, data["cluster"], smap)
+    for item in overrides:
+        parts, value = parse_override(item)
+        _apply_override(data, parts, value, item, smap)
+    data.setdefault("name", file.stem)
+    return validate(data, smap)
+
+
+def load_cluster(path: str | os.PathLike) -> ClusterConfig:
+    """A bare cluster YAML (`nodes:` ...) or a job YAML's cluster section (for `mlaunch nodes check`)."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{file}: cluster file not found; pass a job or cluster YAML, or set $MLAUNCH_CLUSTER")
+    smap = SourceMap()
+    data = _compose(file.read_text(), str(file), (), smap)
+    if isinstance(data, dict) and ("train" in data or "cluster" in data):
+        return load_config(file).cluster or _no_cluster(file)
+    prefixed = SourceMap({("cluster",) + k: v for k, v in smap.lines.items()})
+    return validate({"cluster": data, "train": {"model": {"init": {}}}}, prefixed).cluster  # type: ignore[return-value]
+
+
+def _no_cluster(file: Path) -> ClusterConfig:
+    raise ConfigError(f"{file}: has no `cluster` section; add one with `nodes:` or pass a cluster YAML")
+
+
+def _load_cluster_file(base: Path, ref: str, smap: SourceMap) -> Any:
+    cfile = Path(os.path.expanduser(ref))
+    if not cfile.is_absolute():
+        cfile = base / cfile
+    if not cfile.is_file():
+        where = smap.locate(("cluster",))
+        raise ConfigError(f"{where}: `cluster` points to {cfile}, which does not exist; fix the path or inline the section")
+    return _compose(cfile.read_text(), str(cfile), ("cluster",), smap)
+
+
+def validate(data: dict, smap: SourceMap | None = None) -> JobConfig:
+    smap = smap or SourceMap()
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as e:
+        errors = e.errors()
+        first = _explain(errors[0], smap)
+        if errors[0]["type"] == "literal_error" or len({_error_field(x) for x in errors}) == 1 and len(errors) > 1:
+            # A union (e.g. int | 'auto') fails once per branch: say what the field accepts instead.
+            options = "; or ".join(dict.fromkeys(x["msg"] for x in errors if _error_field(x) == _error_field(errors[0])))
+            first = first.split("`: ", 1)[0] + f"`: {options} (got {errors[0].get('input')!r})"
+        n_more = len({_error_field(x) for x in errors}) - 1
+        more = f" (and {n_more} more error{'s' if n_more > 1 else ''})" if n_more else ""
+        raise ConfigError(first + more) from None
+
+
+def _error_field(err: dict) -> tuple:
+    names = _all_field_names()
+    return tuple(p for p in err["loc"] if isinstance(p, int) or p in names)
+
+
+def to_yaml(cfg: JobConfig) -> str:
+    """The resolved config as YAML: written next to every run's outputs."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

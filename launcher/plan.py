@@ -1,0 +1,218 @@
+"""The plan: a pure function from a `JobConfig` to what every node will run.
+
+No network, no processes, no torch: `mlaunch plan` prints exactly this, the runners execute
+exactly this, and tests compare it against golden files.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import shlex
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+from launcher.config import JobConfig
+from launcher.errors import ConfigError
+
+TORCHRUN = ["-m", "torch.distributed.run"]
+RUN_ID_ENV = "MLAUNCH_RUN_ID"
+_SECRET = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    backend: str  # c10d | static
+    endpoint: str  # host:port every node dials
+    id: str
+    nnodes: str  # "N" or "MIN:MAX"
+    master_addr: str
+    port: int
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    node_rank: int
+    name: str
+    host: str
+    port: int
+    user: str | None
+    addr: str
+    workdir: str
+    nproc_per_node: int
+    nproc_source: str  # why this many processes (shown by `mlaunch plan`)
+    argv: list[str]
+    env: dict[str, str]
+    setup: str | None
+
+    def command(self, mask: bool = False) -> str:
+        """The node's exact shell command: `cd workdir && [setup &&] exec env K=V ... torchrun ...`."""
+        env = masked_env(self.env) if mask else self.env
+        return shell_line(self.argv, env, cwd=self.workdir, setup=self.setup)
+
+
+@dataclass(frozen=True)
+class Plan:
+    job: str
+    run_id: str
+    standalone: bool
+    rendezvous: Rendezvous | None
+    nodes: list[NodePlan]
+    world_size: int
+    config_path: str  # the resolved config every rank reads, relative to the workdir
+    output_dir: str
+    parallel: dict[str, Any] = field(default_factory=dict)
+    resolved: JobConfig | None = field(default=None, compare=False, repr=False)  # what every rank reads
+
+    def to_json(self, mask: bool = True) -> dict[str, Any]:
+        nodes = []
+        for n in self.nodes:
+            d = asdict(n)
+            d["env"] = masked_env(n.env) if mask else dict(n.env)
+            d["command"] = n.command(mask=mask)
+            nodes.append(d)
+        return {
+            "job": self.job,
+            "run_id": self.run_id,
+            "standalone": self.standalone,
+            "rendezvous": asdict(self.rendezvous) if self.rendezvous else None,
+            "world_size": self.world_size,
+            "config_path": self.config_path,
+            "output_dir": self.output_dir,
+            "parallel": self.parallel,
+            "nodes": nodes,
+        }
+
+
+def is_secret(name: str) -> bool:
+    return bool(_SECRET.search(name))
+
+
+def masked_env(env: Mapping[str, str]) -> dict[str, str]:
+    return {k: ("****" if is_secret(k) and v else v) for k, v in env.items()}
+
+
+def shell_line(argv: list[str], env: Mapping[str, str], cwd: str | None = None, setup: str | None = None) -> str:
+    """One `sh -c`-safe line. The environment goes into the command itself because sshd drops
+    `exec_command(environment=...)` without AcceptEnv; every value is quoted, never evaluated.
+    `exec` makes the job the shell's own pid, so an SSH hangup reaches torchrun directly."""
+    parts = []
+    if cwd:
+        # `~` must expand, so only the rest of the path is quoted.
+        parts.append(f"cd {_quote_path(cwd)}")
+    if setup:
+        parts.append(setup)
+    assigns = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+    # argv[0] may be `~/venv/bin/python`: the tilde must reach the shell unquoted to expand.
+    words = [_quote_path(argv[0])] + [shlex.quote(a) for a in argv[1:]]
+    parts.append(" ".join(["exec", "env", *(a for a in [assigns] if a), *words]))
+    return " && ".join(parts)
+
+
+def _quote_path(path: str) -> str:
+    if path == "~":
+        return "~"
+    if path.startswith("~/"):
+        return "~/" + shlex.quote(path[2:])
+    return shlex.quote(path)
+
+
+def passthrough_env(patterns: list[str], local_env: Mapping[str, str]) -> dict[str, str]:
+    """Local variables matching the globs, in a stable order."""
+    return {k: local_env[k] for k in sorted(local_env) if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
+
+
+def nnodes_bounds(nnodes: str) -> tuple[int, int]:
+    lo, _, hi = nnodes.partition(":")
+    return int(lo), int(hi or lo)
+
+
+def make_plan(
+    cfg: JobConfig,
+    *,
+    run_id: str,
+    config_path: str,
+    local_env: Mapping[str, str] | None = None,
+    standalone: bool = False,
+    addrs: Mapping[int, str] | None = None,
+    gpus: Mapping[int, int] | None = None,
+    python: str | None = None,
+    parallel: dict[str, Any] | None = None,
+) -> Plan:
+    """Per-node torchrun argv + env for `cfg`.
+
+    `addrs` are node addresses resolved by the caller (the runner resolves host names in Python;
+    the plan itself never touches the network); `gpus` are GPU counts probed on the nodes, for
+    `nproc_per_node: auto`. `python` replaces the interpreter (standalone runs use sys.executable).
+    """
+    local_env = dict(local_env or {})
+    launch = cfg.launch
+    job = cfg.name or "job"
+    base_env = {RUN_ID_ENV: run_id, "PYTHONUNBUFFERED": "1"}
+    train_args = ["-m", "train", config_path]
+    ranks_filter = []
+    if launch.local_ranks_filter is not None:
+        ranks_filter = ["--local-ranks-filter", ",".join(str(r) for r in launch.local_ranks_filter)]
+
+    if standalone or cfg.cluster is None:
+        nproc, why = _nproc(launch.nproc_per_node, (gpus or {}).get(0), None)
+        env = {**passthrough_env(cfg.cluster.env_passthrough if cfg.cluster else [], local_env),
+               **(cfg.cluster.env if cfg.cluster else {}), **base_env}
+        argv = [python or "python3", *TORCHRUN, "--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc),
+                "--max-restarts", str(launch.max_restarts), "--monitor-interval", _num(launch.monitor_interval_s),
+                *ranks_filter, *train_args]
+        node = NodePlan(0, "local", "localhost", 0, None, "127.0.0.1", ".", nproc, why, argv, env, None)
+        return Plan(job, run_id, True, None, [node], nproc, config_path, cfg.train.output_dir, parallel or {}, cfg)
+
+    cluster = cfg.cluster
+    addrs = addrs or {}
+    node_addr = {i: n.addr or addrs.get(i) or n.host for i, n in enumerate(cluster.nodes)}
+    nnodes = launch.nnodes or str(len(cluster.nodes))
+    lo, hi = nnodes_bounds(nnodes)
+    if hi > len(cluster.nodes):
+        raise ConfigError(f"launch.nnodes={nnodes} asks for up to {hi} nodes but cluster.nodes lists {len(cluster.nodes)}; add nodes or lower nnodes")
+    rdzv_cfg = launch.rdzv
+    if rdzv_cfg.endpoint:
+        host, _, port = rdzv_cfg.endpoint.rpartition(":") if ":" in rdzv_cfg.endpoint else (rdzv_cfg.endpoint, "", "")
+        master_addr, rdzv_port = host, int(port) if port else rdzv_cfg.port
+    else:
+        master_addr, rdzv_port = node_addr[0], rdzv_cfg.port
+    rdzv = Rendezvous(rdzv_cfg.backend, f"{master_addr}:{rdzv_port}", rdzv_cfg.id or run_id, nnodes, master_addr, rdzv_port)
+    if rdzv_cfg.backend == "static" and lo != hi:
+        raise ConfigError("launch.nnodes MIN:MAX (elastic) needs launch.rdzv.backend: c10d; static rendezvous has a fixed size")
+
+    env_common = {**passthrough_env(cluster.env_passthrough, local_env), **cluster.env, **base_env}
+    nodes = []
+    world = 0
+    for i, spec in enumerate(cluster.nodes):
+        nproc, why = _nproc(launch.nproc_per_node, (gpus or {}).get(i), spec.gpus)
+        world += nproc
+        argv = [python or cluster.python, *TORCHRUN, "--nnodes", nnodes, "--nproc-per-node", str(nproc)]
+        if rdzv.backend == "static":
+            argv += ["--node-rank", str(i), "--master-addr", rdzv.master_addr, "--master-port", str(rdzv.port)]
+        else:
+            # Every agent on a multi-address host would otherwise believe it is the host and hand
+            # its workers MASTER_ADDR=localhost; is_host pins the TCPStore to the endpoint node.
+            is_host = int(node_addr[i] == master_addr)
+            argv += ["--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv.endpoint, "--rdzv-id", rdzv.id,
+                     "--rdzv-conf", f"join_timeout={rdzv_cfg.join_timeout_s},is_host={is_host}",
+                     "--local-addr", node_addr[i]]
+        argv += ["--max-restarts", str(launch.max_restarts), "--monitor-interval", _num(launch.monitor_interval_s),
+                 *ranks_filter, *train_args]
+        nodes.append(NodePlan(i, cluster.node_name(i), spec.host, cluster.node_port(i), spec.user or cluster.ssh.user,
+                              node_addr[i], cluster.workdir, nproc, why, argv, dict(env_common), cluster.setup))
+    return Plan(job, run_id, False, rdzv, nodes, world, config_path, cfg.train.output_dir, parallel or {}, cfg)
+
+
+def _nproc(setting: int | str, probed: int | None, declared: int | None) -> tuple[int, str]:
+    if isinstance(setting, int):
+        return setting, "launch.nproc_per_node"
+    if probed is not None:
+        return max(probed, 1), f"auto: {probed} GPU(s) found" if probed else "auto: no GPU found, 1 process (CPU)"
+    if declared is not None:
+        return max(declared, 1), f"auto: cluster.nodes[].gpus = {declared}" if declared else "auto: gpus: 0, 1 process (CPU)"
+    return 1, "auto: GPU count unknown until the node is probed; 1 process assumed"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)

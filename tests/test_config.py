@@ -1,0 +1,123 @@
+"""Malformed job YAMLs: every one exits 2 with one line naming the problem — never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from launcher.config import TUTORIAL_TEMPLATE, load_config, parse_override
+from launcher.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD_TRAIN = "train:\n  model:\n    init: {hidden_size: 32}\n"
+
+# (name, yaml text, extra CLI args, a fragment the one-line error must contain)
+BAD = [
+    ("syntax", "train: [unclosed\n", [], "invalid YAML"),
+    ("tab-indent", "train:\n\tmodel: x\n", [], "invalid YAML"),
+    ("not-mapping", "- a\n- b\n", [], "is a mapping"),
+    ("unknown-top", GOOD_TRAIN + "trian: {}\n", [], "unknown key `trian`"),
+    ("unknown-train", GOOD_TRAIN + "  epoch: 2\n", [], "did you mean `epochs`"),
+    ("unknown-optim", GOOD_TRAIN + "  optim:\n    lrr: 1\n", [], "did you mean `lr`"),
+    ("unknown-launch", GOOD_TRAIN + "launch:\n  nproc_per_nod: 2\n", [], "did you mean `nproc_per_node`"),
+    ("unknown-rdzv", GOOD_TRAIN + "launch:\n  rdzv:\n    endpiont: a:1\n", [], "did you mean `endpoint`"),
+    ("unknown-cluster", GOOD_TRAIN + "cluster:\n  nodes: [{host: a}]\n  workdri: /x\n", [], "did you mean `workdir`"),
+    ("unknown-node", GOOD_TRAIN + "cluster:\n  nodes:\n    - host: a\n      prot: 22\n", [], "did you mean `port`"),
+    ("unknown-ssh", GOOD_TRAIN + "cluster:\n  nodes: [{host: a}]\n  ssh:\n    identityfile: k\n", [], "did you mean `identity_file`"),
+    ("wrong-type-int", GOOD_TRAIN + "  epochs: many\n", [], "train.epochs"),
+    ("wrong-type-float", GOOD_TRAIN + "  optim:\n    lr: fast\n", [], "train.optim.lr"),
+    ("negative-epochs", GOOD_TRAIN + "  epochs: -1\n", [], "greater than or equal to 1"),
+    ("negative-nproc", GOOD_TRAIN + "launch:\n  nproc_per_node: -2\n", [], "launch.nproc_per_node"),
+    ("zero-batch", GOOD_TRAIN + "  data:\n    micro_batch_size: 0\n", [], "train.data.micro_batch_size"),
+    ("bad-port", GOOD_TRAIN + "cluster:\n  nodes:\n    - host: a\n      port: 70000\n", [], "cluster.nodes[0].port"),
+    ("empty-nodes", GOOD_TRAIN + "cluster:\n  nodes: []\n", [], "node list is empty"),
+    ("duplicate-hosts", GOOD_TRAIN + "cluster:\n  nodes:\n    - host: a\n    - host: a\n", [], "same host a:22"),
+    ("duplicate-key", GOOD_TRAIN + "  epochs: 1\n  epochs: 2\n", [], "duplicate key"),
+    ("bad-strategy", GOOD_TRAIN + "  parallel:\n    strategy: zero3\n", [], "train.parallel.strategy"),
+    ("bad-nnodes", GOOD_TRAIN + "launch:\n  nnodes: 4:2\n", [], "MIN:MAX"),
+    ("missing-train", "launch: {}\n", [], "`train` is required"),
+    ("missing-model-source", "train:\n  model: {}\n", [], "name_or_path"),
+    ("missing-env-var", GOOD_TRAIN + "  output_dir: ${MLAUNCH_SURELY_UNSET_VAR}\n", [], "MLAUNCH_SURELY_UNSET_VAR is not set"),
+    ("missing-cluster-file", GOOD_TRAIN + "cluster: no/such/cluster.yaml\n", [], "does not exist"),
+    ("set-no-equals", GOOD_TRAIN, ["--set", "train.epochs"], "expected dotted.key=value"),
+    ("set-unknown-key", GOOD_TRAIN, ["--set", "train.optim.lrr=1"], "did you mean `lr`"),
+    ("set-unknown-section", GOOD_TRAIN, ["--set", "train.optm.lr=1"], "did you mean `optim`"),
+    ("set-wrong-type", GOOD_TRAIN, ["--set", "train.max_steps=soon"], "train.max_steps"),
+]
+
+
+@pytest.mark.parametrize("name,text,args,fragment", BAD, ids=[b[0] for b in BAD])
+def test_bad_config_is_one_line_exit_2(tmp_path: Path, name: str, text: str, args: list[str], fragment: str) -> None:
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(text)
+    env = {k: v for k, v in os.environ.items() if k != "MLAUNCH_DEBUG"}
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", "plan", str(cfg), *args],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert fragment in lines[0], lines[0]
+    if not name.startswith("set-"):
+        assert str(cfg) in lines[0] or "cluster" in lines[0], "the error names the file"
+
+
+def test_error_names_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(GOOD_TRAIN + "  optim:\n    lr: 1\n    betas: [0.9, 0.99]\n    wd: 0.1\n")
+    with pytest.raises(ConfigError, match=rf"{cfg}:7: unknown key `train.optim.wd`"):
+        load_config(cfg)
+
+
+def test_debug_env_shows_traceback(tmp_path: Path) -> None:
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(GOOD_TRAIN + "  epoch: 1\n")
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", "plan", str(cfg)], capture_output=True, text=True,
+                          env={**os.environ, "MLAUNCH_DEBUG": "1"}, cwd=ROOT, timeout=60)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_overrides_are_typed(tmp_path: Path) -> None:
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(GOOD_TRAIN)
+    job = load_config(cfg, ["train.optim.lr=2e-5", "train.max_steps=7", "launch.nproc_per_node=auto",
+                            "train.parallel.strategy=fsdp", "train.clip_grad_norm=null"])
+    assert job.train.optim.lr == 2e-5 and isinstance(job.train.optim.lr, float)
+    assert job.train.max_steps == 7 and job.launch.nproc_per_node == "auto"
+    assert job.train.parallel.strategy == "fsdp" and job.train.clip_grad_norm is None
+    assert parse_override("a.b=x=y") == (("a", "b"), "x=y")
+
+
+def test_env_interpolation_and_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLAUNCH_TEST_OUT", "/tmp/out-x")
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(GOOD_TRAIN + "  output_dir: ${MLAUNCH_TEST_OUT}/run\n  data:\n    path: ${MLAUNCH_NOPE:-local.jsonl}\n")
+    job = load_config(cfg)
+    assert job.train.output_dir == "/tmp/out-x/run" and job.train.data.path == "local.jsonl"
+    assert job.train.data.template == TUTORIAL_TEMPLATE and job.name == "job"
+
+
+def test_cluster_from_file_and_errors_point_into_it(tmp_path: Path) -> None:
+    (tmp_path / "cluster.yaml").write_text("nodes:\n  - host: a\n  - host: b\nssh:\n  port: 2222\n")
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("cluster: cluster.yaml\n" + GOOD_TRAIN)
+    job = load_config(cfg)
+    assert [n.host for n in job.cluster.nodes] == ["a", "b"] and job.cluster.node_port(1) == 2222
+    (tmp_path / "cluster.yaml").write_text("nodes:\n  - host: a\n    gpu: 8\n")
+    with pytest.raises(ConfigError, match=r"cluster.yaml:3: unknown key `cluster.nodes\[0\].gpu`; did you mean `gpus`"):
+        load_config(cfg)
+
+
+def test_shipped_configs_load() -> None:
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        load_config(path)
+
+
+def test_schema_module_does_not_import_torch() -> None:
+    code = "import sys, launcher.config, launcher.plan, launcher.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)

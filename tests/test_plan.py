@@ -1,0 +1,112 @@
+"""The plan is pure: golden per-node commands for 1, 2 and 16 nodes, and quoting that survives `sh -c`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launcher.config import load_config, validate
+from launcher.errors import ConfigError
+from launcher.plan import make_plan, masked_env, shell_line
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = Path(__file__).parent / "golden"
+LOCAL_ENV = {"NCCL_SOCKET_IFNAME": "eth0", "HF_TOKEN": "hf_secret", "HOME": "/root", "PATH": "/usr/bin", "WANDB_API_KEY": "k"}
+
+
+def cluster_job(n: int, **launch) -> dict:
+    nodes = [{"host": f"node{i:02d}", "addr": f"10.0.{i // 256}.{i % 256 + 1}", "gpus": 8} for i in range(n)]
+    return {
+        "name": f"golden{n}",
+        "cluster": {"nodes": nodes, "ssh": {"user": "trainer", "port": 2222}, "workdir": "~/proj",
+                    "python": "~/venv/bin/python", "setup": "source ~/venv/bin/activate",
+                    "env": {"NCCL_DEBUG": "WARN", "DB_PASSWORD": "hunter2"}},
+        "launch": {"nproc_per_node": "auto", **launch},
+        "train": {"model": {"name_or_path": "baichuan-inc/Baichuan2-13B-Base"}, "output_dir": "runs/golden"},
+    }
+
+
+@pytest.mark.parametrize("n", [1, 2, 16])
+def test_golden_plans(n: int) -> None:
+    cfg = validate(cluster_job(n))
+    plan = make_plan(cfg, run_id="golden-run", config_path="runs/golden/config.yaml", local_env=LOCAL_ENV)
+    got = plan.to_json(mask=True)
+    path = GOLDEN / f"plan_{n}_nodes.json"
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        path.write_text(json.dumps(got, indent=2) + "\n")
+    assert got == json.loads(path.read_text())
+    assert plan.world_size == 8 * n
+    assert got["rendezvous"]["endpoint"] == "10.0.0.1:29400"
+    # Only the master hosts the c10d store; every agent binds its own address.
+    assert [node["argv"][node["argv"].index("--rdzv-conf") + 1].endswith("is_host=1") for node in got["nodes"]] == [True] + [False] * (n - 1)
+    assert all(node["env"]["DB_PASSWORD"] == "****" and node["env"]["HF_TOKEN"] == "****" for node in got["nodes"])
+    assert all("HOME" not in node["env"] and node["env"]["NCCL_SOCKET_IFNAME"] == "eth0" for node in got["nodes"])
+
+
+def test_static_rendezvous_and_elastic_nnodes() -> None:
+    cfg = validate(cluster_job(3, rdzv={"backend": "static", "port": 29500}))
+    plan = make_plan(cfg, run_id="r", config_path="c.yaml")
+    for rank, node in enumerate(plan.nodes):
+        assert node.argv[node.argv.index("--node-rank") + 1] == str(rank)
+        assert node.argv[node.argv.index("--master-addr") + 1] == "10.0.0.1"
+    elastic = make_plan(validate(cluster_job(4, nnodes="2:4")), run_id="r", config_path="c.yaml")
+    assert elastic.rendezvous.nnodes == "2:4"
+    with pytest.raises(ConfigError, match="static rendezvous has a fixed size"):
+        make_plan(validate(cluster_job(4, nnodes="2:4", rdzv={"backend": "static"})), run_id="r", config_path="c.yaml")
+    with pytest.raises(ConfigError, match="asks for up to 5 nodes"):
+        make_plan(validate(cluster_job(4, nnodes="5")), run_id="r", config_path="c.yaml")
+
+
+def test_explicit_endpoint_and_addr_resolution() -> None:
+    job = cluster_job(2)
+    for node in job["cluster"]["nodes"]:
+        del node["addr"]
+    job["launch"]["rdzv"] = {"endpoint": "node01:29999"}
+    plan = make_plan(validate(job), run_id="r", config_path="c.yaml", addrs={0: "192.168.1.5", 1: "192.168.1.6"})
+    assert plan.rendezvous.endpoint == "node01:29999"
+    assert plan.nodes[1].addr == "192.168.1.6"
+
+
+NASTY = ["$(touch /tmp/pwned)", "`id`", "it's", 'say "hi"', "two  spaces", "line1\nline2", "back\\slash", "semi;colon", "*glob?", ""]
+
+
+@pytest.mark.parametrize("value", NASTY)
+def test_quoting_round_trips_through_sh(value: str, tmp_path: Path) -> None:
+    line = shell_line([sys.executable, "-c", "import os,sys,json; print(json.dumps([os.environ['V'], sys.argv[1]]))", value],
+                      {"V": value}, cwd=str(tmp_path))
+    out = subprocess.run(["sh", "-c", line], capture_output=True, text=True, check=True, timeout=30).stdout
+    assert json.loads(out) == [value, value]
+    assert not Path("/tmp/pwned").exists()
+
+
+def test_tilde_paths_expand() -> None:
+    line = shell_line(["~/bin/python", "-V"], {}, cwd="~/my dir")
+    assert line.startswith("cd ~/'my dir' && exec env ~/bin/python")
+
+
+def test_masking() -> None:
+    assert masked_env({"HF_TOKEN": "x", "AWS_SECRET_ACCESS_KEY": "y", "NCCL_DEBUG": "INFO", "MY_PASSWORD": ""}) == {
+        "HF_TOKEN": "****", "AWS_SECRET_ACCESS_KEY": "****", "NCCL_DEBUG": "INFO", "MY_PASSWORD": ""}
+
+
+def test_cli_plan_json(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "launcher.cli", "plan", "configs/baichuan13b.yaml", "--json"],
+                         capture_output=True, text=True, cwd=ROOT, check=True, timeout=60).stdout
+    data = json.loads(out)
+    assert data["rendezvous"]["endpoint"] == "10.0.0.11:29400"
+    assert len(data["nodes"]) == 2 and all(shlex.split(n["command"]) for n in data["nodes"])
+    assert data["parallel"]["strategy"] in ("ddp", "fsdp", "hsdp", "pipeline")
+
+
+def test_standalone_plan_uses_this_python() -> None:
+    cfg = load_config(ROOT / "configs/tiny.yaml")
+    plan = make_plan(cfg, run_id="r", config_path="runs/tiny/config.yaml", standalone=True, python=sys.executable)
+    argv = plan.nodes[0].argv
+    assert argv[:4] == [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    assert argv[argv.index("--nproc-per-node") + 1] == "2" and argv[-3:] == ["-m", "train", "runs/tiny/config.yaml"]
