@@ -1,0 +1,476 @@
+"""Baichuan and Baichuan2 (7B RoPE, 13B ALiBi) as one plain PyTorch module.
+
+The parameter names are exactly the published ones, so hub checkpoints load without a
+conversion step and exports load back into the published ``trust_remote_code`` models.
+
+Designed for distributed training rather than generation (there is no KV cache):
+
+* ``model.layers`` is an ``nn.ModuleDict`` keyed ``"0".."L-1"``: a pipeline stage can drop
+  layers (and ``embed_tokens``/``norm``/``lm_head`` can be set to ``None``) while every
+  remaining state-dict key keeps its published name.
+* Nothing depends on buffers: RoPE frequencies and ALiBi slopes are computed per forward,
+  so meta-device construction followed by ``to_empty`` never leaves stale state behind.
+* The attention mask (or ALiBi bias) and the RoPE tables are built once per forward and
+  shared by every layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+Position = Literal["rope", "alibi"]
+CheckpointMode = Literal["none", "full", "selective"]
+
+BAICHUAN2_VOCAB_SIZE = 125696
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+IGNORE_INDEX = -100
+
+
+# --------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------
+@dataclass
+class BaichuanConfig:
+    """Architecture of one Baichuan model; ``position``/``norm_head`` select the variant."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    position: Position = "rope"
+    norm_head: bool = False  # Baichuan2: lm_head rows L2-normalised in every forward
+    z_loss_weight: float = 0.0  # Baichuan2 auxiliary loss on logsumexp^2; 0 = off
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.position not in ("rope", "alibi"):
+            raise ValueError(f"position must be 'rope' or 'alibi', got {self.position!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+        if self.position == "rope" and self.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf_dict(
+        cls,
+        d: dict[str, Any],
+        position: Position | None = None,
+        norm_head: bool | None = None,
+    ) -> BaichuanConfig:
+        """Build from a published ``config.json`` dict.
+
+        The variant is read from the tell-tales the published configs carry (Baichuan2:
+        a ``z_loss_weight`` key or vocab 125,696; RoPE: ``max_position_embeddings``, ALiBi
+        has only ``model_max_length``). Explicit arguments win, because tiny test models
+        carry neither tell-tale vocab nor a meaningful key set.
+        """
+        required = (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        )
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ValueError(f"config.json lacks required key(s): {', '.join(missing)}")
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"config.json hidden_act {act!r} is not supported (Baichuan uses 'silu')")
+
+        if position is None:
+            position = "rope" if "max_position_embeddings" in d else "alibi"
+        if norm_head is None:
+            norm_head = "z_loss_weight" in d or d["vocab_size"] == BAICHUAN2_VOCAB_SIZE
+        max_pos = d.get("max_position_embeddings", d.get("model_max_length", 4096))
+        return cls(
+            vocab_size=int(d["vocab_size"]),
+            hidden_size=int(d["hidden_size"]),
+            intermediate_size=int(d["intermediate_size"]),
+            num_hidden_layers=int(d["num_hidden_layers"]),
+            num_attention_heads=int(d["num_attention_heads"]),
+            position=position,
+            norm_head=bool(norm_head),
+            z_loss_weight=float(d.get("z_loss_weight", 0.0) or 0.0),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(max_pos),
+            rope_theta=float(d.get("rope_theta", 10000.0)),
+            initializer_range=float(d.get("initializer_range", 0.02)),
+        )
+
+    def to_hf_dict(self, torch_dtype: str | torch.dtype = "bfloat16") -> dict[str, Any]:
+        """A ``config.json`` dict in the published layout; ``from_hf_dict`` reads it back
+        to the same variant without overrides (the key set is the tell-tale)."""
+        if isinstance(torch_dtype, torch.dtype):
+            torch_dtype = str(torch_dtype).removeprefix("torch.")
+        d: dict[str, Any] = {
+            "architectures": ["BaichuanForCausalLM"],
+            "model_type": "baichuan",
+            "bos_token_id": BOS_ID,
+            "eos_token_id": EOS_ID,
+            "pad_token_id": PAD_ID,
+            "hidden_act": "silu",
+            "hidden_size": self.hidden_size,
+            "initializer_range": self.initializer_range,
+            "intermediate_size": self.intermediate_size,
+            "num_attention_heads": self.num_attention_heads,
+            "num_hidden_layers": self.num_hidden_layers,
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": False,
+            "torch_dtype": torch_dtype,
+            "use_cache": True,
+            "vocab_size": self.vocab_size,
+        }
+        if self.position == "rope":
+            d["max_position_embeddings"] = self.max_position_embeddings
+            if self.norm_head:  # Baichuan2-7B carries both keys
+                d["model_max_length"] = self.max_position_embeddings
+            if self.rope_theta != 10000.0:  # published code hard-codes 10000
+                d["rope_theta"] = self.rope_theta
+        else:
+            d["model_max_length"] = self.max_position_embeddings
+        if self.norm_head:
+            d["z_loss_weight"] = self.z_loss_weight
+        return d
+
+
+# The published shapes. Treat as read-only; ``variant_config`` returns modified copies.
+KNOWN_VARIANTS: dict[str, BaichuanConfig] = {
+    "baichuan-7b": BaichuanConfig(64000, 4096, 11008, 32, 32, position="rope"),
+    "baichuan-13b": BaichuanConfig(64000, 5120, 13696, 40, 40, position="alibi"),
+    "baichuan2-7b": BaichuanConfig(
+        BAICHUAN2_VOCAB_SIZE, 4096, 11008, 32, 32, position="rope", norm_head=True
+    ),
+    "baichuan2-13b": BaichuanConfig(
+        BAICHUAN2_VOCAB_SIZE, 5120, 13696, 40, 40, position="alibi", norm_head=True
+    ),
+}
+
+
+def num_params(cfg: BaichuanConfig) -> int:
+    """Exact parameter count of the full model (embedding and untied head both counted)."""
+    h, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    per_layer = 3 * h * h + h * h + 3 * h * f + 2 * h  # W_pack, o_proj, SwiGLU, two norms
+    return v * h + cfg.num_hidden_layers * per_layer + h + v * h
+
+
+def flops_per_token(cfg: BaichuanConfig, seq_len: int) -> int:
+    """Training FLOPs per token, 6N + 12·L·h·s (PaLM, appendix B), for MFU.
+
+    N is ``num_params(cfg)``; the attention term counts the full s×s score matrix, as PaLM
+    does, even though causal kernels skip half of it."""
+    return 6 * num_params(cfg) + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+
+
+# --------------------------------------------------------------------------------------
+# Position encodings and the shared attention mask
+# --------------------------------------------------------------------------------------
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi head slopes (Press et al.), as the published Baichuan-13B code orders them."""
+
+    def power_of_two_slopes(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * k / n) for k in range(1, n + 1)]
+
+    if math.log2(num_heads).is_integer():
+        slopes = power_of_two_slopes(num_heads)
+    else:
+        # Not a power of two (40 heads): the nearest lower power's slopes, topped up with
+        # every other slope of the doubled series so the extra heads interleave.
+        m = 2 ** math.floor(math.log2(num_heads))
+        slopes = power_of_two_slopes(m) + power_of_two_slopes(2 * m)[0::2][: num_heads - m]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def _rope_tables(
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [B or 1, 1, S, head_dim] in the rotate_half layout of the published code."""
+    # Angles in fp32: bf16 positions above 256 lose integer precision.
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    )
+    angles = positions.to(torch.float32)[..., None] * inv_freq
+    emb = torch.cat((angles, angles), dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+@dataclass
+class _AttnContext:
+    """Per-forward state shared by every layer (built once, not per layer)."""
+
+    mask: torch.Tensor | None  # bool (True = attend) or additive float; None = causal
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def _build_context(
+    cfg: BaichuanConfig,
+    attention_mask: torch.Tensor | None,
+    seq_len: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> _AttnContext:
+    if attention_mask is not None and bool(attention_mask.all()):
+        # No padding in this batch: drop the mask so RoPE can take SDPA's flash path.
+        # (One host sync per forward, worth it for the kernel it unlocks.)
+        attention_mask = None
+
+    allowed = None
+    if attention_mask is not None:
+        valid = attention_mask.to(device=device, dtype=torch.bool)
+        idx = torch.arange(seq_len, device=device)
+        causal = idx[None, :] <= idx[:, None]
+        allowed = causal[None] & valid[:, None, :]
+        # A padded query row would see no key at all and softmax to NaN; letting it see
+        # itself keeps it finite (its output is never used).
+        allowed = allowed | torch.eye(seq_len, dtype=torch.bool, device=device)[None]
+        allowed = allowed[:, None]  # [B, 1, S, S]
+
+    rope = None
+    if cfg.position == "rope":
+        if attention_mask is None:
+            positions = torch.arange(seq_len, device=device)[None]
+        else:
+            # Count only real tokens so a left-padded row starts at position 0.
+            positions = (attention_mask.to(device).long().cumsum(-1) - 1).clamp(min=0)
+        rope = _rope_tables(positions, cfg.head_dim, cfg.rope_theta, dtype)
+        return _AttnContext(mask=allowed, rope=rope)
+
+    # ALiBi: slope·(j − i) rather than the published slope·j. Softmax cannot tell them
+    # apart, but relative distances stay small near the diagonal, where bf16 keeps them
+    # exact, and they are invariant to left padding.
+    idx = torch.arange(seq_len, device=device, dtype=torch.float32)
+    rel = idx[None, :] - idx[:, None]
+    bias = alibi_slopes(cfg.num_attention_heads).to(device)[:, None, None] * rel  # [H, S, S]
+    if allowed is None:
+        allowed = (rel <= 0)[None, None]
+    # Cast before broadcasting over the batch: the [B, H, S, S] result is the big tensor.
+    mask = torch.where(allowed, bias.to(dtype)[None], float("-inf"))  # [B or 1, H, S, S]
+    return _AttnContext(mask=mask)
+
+
+# --------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Variance in fp32: in bf16 the mean of squares of a 5120-wide row is too coarse.
+        xf = x.to(torch.float32)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(self.weight.dtype)
+
+
+class NormHead(nn.Linear):
+    """Baichuan2's head: rows L2-normalised at use time, every forward.
+
+    The published code swaps in a normalised copy of the parameter when switching to eval;
+    that breaks FSDP sharding and the optimizer's reference to the parameter, so here the
+    parameter itself is never replaced."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, F.normalize(self.weight, dim=-1))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: BaichuanConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.head_dim = cfg.head_dim
+        self.W_pack = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
+        self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: _AttnContext) -> torch.Tensor:
+        b, s, h = x.shape
+        qkv = self.W_pack(x).view(b, s, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, S, D]
+        if ctx.rope is not None:
+            cos, sin = ctx.rope
+            q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        if ctx.mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, h))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: BaichuanConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: BaichuanConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # A plain attribute, not a wrapper module, so state-dict keys never change.
+        self.activation_checkpointing = False
+
+    def _forward(self, x: torch.Tensor, ctx: _AttnContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward(self, x: torch.Tensor, ctx: _AttnContext) -> torch.Tensor:
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, ctx, use_reentrant=False)
+        return self._forward(x, ctx)
+
+
+class BaichuanModel(nn.Module):
+    def __init__(self, cfg: BaichuanConfig) -> None:
+        super().__init__()
+        self.embed_tokens: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleDict(
+            {str(i): DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)}
+        )
+        self.norm: RMSNorm | None = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class BaichuanForCausalLM(nn.Module):
+    """Baichuan/Baichuan2 causal LM; also serves as a pipeline stage.
+
+    ``forward(input_ids_or_hidden, attention_mask=None)``: token ids [B, S] when
+    ``model.embed_tokens`` is present, else hidden states [B, S, h]. Returns logits
+    [B, S, V] when ``lm_head`` is present, else hidden states. ``attention_mask`` is the
+    usual [B, S] 1/0 padding mask (left or right padding); None means no padding.
+    """
+
+    def __init__(self, cfg: BaichuanConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = BaichuanModel(cfg)
+        head_cls = NormHead if cfg.norm_head else nn.Linear
+        self.lm_head: nn.Linear | None = head_cls(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(
+        self, input_ids_or_hidden: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        m = self.model
+        if m.embed_tokens is not None:
+            x = m.embed_tokens(input_ids_or_hidden)
+        else:
+            x = input_ids_or_hidden
+        ctx = _build_context(self.config, attention_mask, x.shape[1], x.device, x.dtype)
+        for layer in m.layers.values():
+            x = layer(x, ctx)
+        if m.norm is not None:
+            x = m.norm(x)
+        if self.lm_head is not None:
+            x = self.lm_head(x)
+        return x
+
+
+# --------------------------------------------------------------------------------------
+# Training helpers
+# --------------------------------------------------------------------------------------
+def set_activation_checkpointing(model: BaichuanForCausalLM, mode: CheckpointMode) -> None:
+    """Turn activation recomputation on per decoder layer.
+
+    * ``"none"``: keep every activation.
+    * ``"full"``: recompute every decoder layer in backward; only each layer's input is
+      kept (≈ 2·s·b·h bytes per layer in bf16).
+    * ``"selective"``: recompute every other layer (those with an even index). With SDPA
+      the attention core already stores no s×s scores, so the remaining activations are
+      spread evenly across the layer; checkpointing alternate layers halves activation
+      memory for half of full recomputation's extra compute, and the memory is easy to
+      predict for a planner.
+
+    Only a flag on each layer changes, so state-dict keys and FSDP wrapping are unaffected.
+    The layer index is the published one, so a pipeline stage makes the same choice for
+    the layers it holds as the full model would.
+    """
+    if mode not in ("none", "full", "selective"):
+        raise ValueError(f"activation checkpointing mode must be none|full|selective, got {mode!r}")
+    for layer in model.model.layers.values():
+        if mode == "full":
+            layer.activation_checkpointing = True
+        elif mode == "selective":
+            layer.activation_checkpointing = layer.layer_idx % 2 == 0
+        else:
+            layer.activation_checkpointing = False
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, std: float = 0.02) -> None:
+    """N(0, std) for linears and embeddings, ones for RMSNorm.
+
+    RMSNorm is included on purpose: the published 13B code creates its weights with
+    ``torch.empty`` and so leaves them uninitialised."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+
+
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, z_loss_weight: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token loss as (sum over real tokens, number of real tokens).
+
+    Returning the sum and the count lets the training loop divide by the token count of
+    the whole global batch (across micro-batches and ranks), so every token weighs the
+    same however the batch was split. Labels equal to -100 are ignored. The optional
+    z-loss adds ``z_loss_weight · Σ logsumexp(logits)²`` over the same tokens.
+    """
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
+    loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    real = shift_labels != IGNORE_INDEX
+    if z_loss_weight:
+        lse = torch.logsumexp(shift_logits, dim=-1)
+        loss = loss + z_loss_weight * (lse.pow(2) * real).sum()
+    return loss, real.sum()
+
+
+def variant_config(name: str, **overrides: Any) -> BaichuanConfig:
+    """A copy of ``KNOWN_VARIANTS[name]`` with fields replaced (e.g. ``num_hidden_layers=2``)."""
+    try:
+        base = KNOWN_VARIANTS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown Baichuan variant {name!r}; known: {', '.join(KNOWN_VARIANTS)}"
+        ) from None
+    return replace(base, **overrides)

@@ -1,0 +1,389 @@
+"""Reading and writing Baichuan checkpoints in the published Hugging Face layouts.
+
+Four layouts exist in the wild and all load here: ``pytorch_model.bin``, sharded
+``pytorch_model-0000x-of-0000y.bin`` + ``pytorch_model.bin.index.json``,
+``model.safetensors``, and sharded ``model-0000x-of-0000y.safetensors`` +
+``model.safetensors.index.json``. Exports are always safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from train.models.baichuan import BaichuanConfig, BaichuanForCausalLM, Position
+
+HUB_ALLOW_PATTERNS = ["config.json", "*.bin", "*.safetensors", "*.index.json", "tokenizer.model"]
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+HubFormat = Literal["bin", "bin-sharded", "safetensors", "safetensors-sharded"]
+
+# Published RoPE checkpoints carry the cached frequencies; we recompute them instead.
+_IGNORED_KEY = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+# --------------------------------------------------------------------------------------
+# Locating a checkpoint
+# --------------------------------------------------------------------------------------
+def resolve_checkpoint_dir(name_or_path: str | os.PathLike[str]) -> Path:
+    """A local directory as is; otherwise a hub repo id fetched via ``snapshot_download``.
+
+    The download honours the usual Hugging Face cache and ``HF_HUB_OFFLINE``, and fetches
+    only what training needs (config, weights, index, ``tokenizer.model``)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    text = str(name_or_path)
+    if path.exists():
+        raise FileNotFoundError(f"checkpoint path is not a directory: {text}")
+    if text.startswith((".", "/", "~")) or not _REPO_ID.match(text):
+        raise FileNotFoundError(f"checkpoint directory does not exist: {text}")
+
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:  # pragma: no cover - huggingface_hub ships with transformers
+        raise FileNotFoundError(
+            f"{text} is not a local directory and huggingface_hub is not installed"
+        ) from e
+    try:
+        return Path(snapshot_download(text, allow_patterns=HUB_ALLOW_PATTERNS))
+    except Exception as e:  # hub errors are many and varied; the user needs one line
+        raise FileNotFoundError(
+            f"{text} is not a local directory and could not be fetched from the Hugging Face "
+            f"hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})"
+        ) from e
+
+
+def read_config(ckpt_dir: str | os.PathLike[str]) -> dict:
+    path = Path(ckpt_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json in checkpoint directory {ckpt_dir}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+# --------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------
+def _weight_files(ckpt_dir: Path) -> list[Path]:
+    """Weight files of a checkpoint, safetensors preferred when both are present."""
+    for index_name, single_name in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
+        index = ckpt_dir / index_name
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ValueError(f"{index} has no weight_map")
+            files = [ckpt_dir / name for name in dict.fromkeys(weight_map.values())]
+            missing = [str(f.name) for f in files if not f.is_file()]
+            if missing:
+                raise FileNotFoundError(f"{index} names missing shard(s): {', '.join(missing)}")
+            return files
+        if (ckpt_dir / single_name).is_file():
+            return [ckpt_dir / single_name]
+    raise FileNotFoundError(
+        f"no weights in {ckpt_dir} (looked for model.safetensors[.index.json] and "
+        "pytorch_model.bin[.index.json])"
+    )
+
+
+def iter_checkpoint_tensors(ckpt_dir: str | os.PathLike[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) one file at a time, so peak memory is one shard, not the model."""
+    for path in _weight_files(Path(ckpt_dir)):
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        else:
+            try:
+                # mmap keeps a 10 GB shard out of RAM until each tensor is copied.
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            yield from state.items()
+            del state
+
+
+def _describe(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+@torch.no_grad()
+def load_weights_into(
+    model: nn.Module, ckpt_dir: str | os.PathLike[str], *, allow_unexpected: bool = False
+) -> None:
+    """Copy a hub checkpoint's tensors into ``model`` in place (dtype converted on copy).
+
+    Strict: every model key must be present and every shape must match. Checkpoint keys the
+    model lacks are an error unless ``allow_unexpected`` (a pipeline stage holding only
+    some layers wants exactly that); ``rotary_emb.inv_freq`` is always skipped."""
+    targets = model.state_dict(keep_vars=True)
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    for name, tensor in iter_checkpoint_tensors(ckpt_dir):
+        if _IGNORED_KEY.search(name):
+            continue
+        target = targets.get(name)
+        if target is None:
+            unexpected.append(name)
+            continue
+        if target.shape != tensor.shape:
+            raise ValueError(
+                f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)} vs model "
+                f"{tuple(target.shape)} (wrong config.json or variant override?)"
+            )
+        target.data.copy_(tensor)
+        seen.add(name)
+    missing = [k for k in targets if k not in seen]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_describe(missing)}")
+    if unexpected and not allow_unexpected:
+        problems.append(f"unexpected keys: {_describe(unexpected)}")
+    if problems:
+        raise ValueError(f"checkpoint {ckpt_dir} does not match the model; " + "; ".join(problems))
+
+
+def build_empty_model(
+    cfg: BaichuanConfig, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> BaichuanForCausalLM:
+    """Allocate the model once, directly in ``dtype`` on ``device``, without initialising it.
+
+    Built on the meta device first so a 13B model never exists twice (fp32 then cast)."""
+    with torch.device("meta"):
+        model = BaichuanForCausalLM(cfg)
+    model.to(dtype)
+    return model.to_empty(device=device)
+
+
+def load_pretrained(
+    ckpt_dir: str | os.PathLike[str],
+    *,
+    position: Position | None = None,
+    norm_head: bool | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> tuple[BaichuanForCausalLM, BaichuanConfig]:
+    """Build the model described by ``config.json`` and load its published weights."""
+    path = resolve_checkpoint_dir(ckpt_dir)
+    cfg = BaichuanConfig.from_hf_dict(read_config(path), position=position, norm_head=norm_head)
+    model = build_empty_model(cfg, dtype=dtype, device=device)
+    load_weights_into(model, path)
+    return model, cfg
+
+
+# --------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _plan_shards(
+    state_dict: Mapping[str, torch.Tensor], max_shard_size_bytes: int
+) -> list[dict[str, torch.Tensor]]:
+    """Greedy in key order, so each layer's tensors stay together like the published shards.
+    A single tensor larger than the limit gets a shard of its own."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state_dict.items():
+        n = _nbytes(tensor)
+        if shards[-1] and size + n > max_shard_size_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += n
+    return shards
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish_dir(tmp: Path, out: Path) -> None:
+    """Swap a finished temporary directory into place; a crash before this leaves the old
+    export (if any) untouched and only a hidden temp dir behind."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_atomically(out_dir: Path, write: Callable[[Path], None]) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        write(tmp)
+        for f in tmp.iterdir():
+            _fsync(f)
+        _publish_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _cpu_contiguous(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU tensors that each own their whole storage, as safetensors demands.
+
+    Clones only what needs it (views, shared or tied storage): a gathered 13B state dict
+    is already ~26 GB on rank 0 and must not be copied wholesale."""
+    out: dict[str, torch.Tensor] = {}
+    seen_storage: set[int] = set()
+    for k, v in state_dict.items():
+        if _IGNORED_KEY.search(k):
+            continue
+        t = v.detach().to("cpu")
+        storage = t.untyped_storage()
+        if (
+            not t.is_contiguous()
+            or t.storage_offset() != 0
+            or storage.nbytes() != _nbytes(t)
+            or storage.data_ptr() in seen_storage
+        ):
+            t = t.clone()
+            storage = t.untyped_storage()
+        seen_storage.add(storage.data_ptr())
+        out[k] = t
+    return out
+
+
+def _write_json(path: Path, obj: object) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def save_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    cfg: BaichuanConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    max_shard_size_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    tokenizer_file: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Export a full state dict (published key names) as a hub-layout safetensors checkpoint.
+
+    One ``model.safetensors`` up to ``max_shard_size_bytes``; above it
+    ``model-0000x-of-0000y.safetensors`` plus ``model.safetensors.index.json``. The whole
+    directory appears at once (written to a temp dir, then renamed)."""
+    from safetensors.torch import save_file
+
+    tensors = _cpu_contiguous(state_dict)
+    if not tensors:
+        raise ValueError("refusing to export an empty state dict")
+    dtypes = {t.dtype for t in tensors.values()}
+    torch_dtype = tensors["lm_head.weight"].dtype if "lm_head.weight" in tensors else dtypes.pop()
+    if tokenizer_file is not None and not Path(tokenizer_file).is_file():
+        raise FileNotFoundError(f"tokenizer file does not exist: {tokenizer_file}")
+
+    def write(tmp: Path) -> None:
+        shards = _plan_shards(tensors, max_shard_size_bytes)
+        meta = {"format": "pt"}  # transformers refuses safetensors files without it
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata=meta)
+        else:
+            weight_map: dict[str, str] = {}
+            for i, shard in enumerate(shards, start=1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata=meta)
+                weight_map.update(dict.fromkeys(shard, name))
+            total = sum(_nbytes(t) for t in tensors.values())
+            _write_json(
+                tmp / "model.safetensors.index.json",
+                {"metadata": {"total_size": total}, "weight_map": weight_map},
+            )
+        _write_json(tmp / "config.json", cfg.to_hf_dict(torch_dtype=torch_dtype))
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, tmp / "tokenizer.model")
+
+    return _write_atomically(Path(out_dir), write)
+
+
+def save_pretrained(
+    model: nn.Module,
+    cfg: BaichuanConfig,
+    out_dir: str | os.PathLike[str],
+    max_shard_size_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    tokenizer_file: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Export a (non-sharded, complete) model; see ``save_state_dict``."""
+    return save_state_dict(
+        model.state_dict(),
+        cfg,
+        out_dir,
+        max_shard_size_bytes=max_shard_size_bytes,
+        tokenizer_file=tokenizer_file,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Test helper: write the layouts the hub actually serves
+# --------------------------------------------------------------------------------------
+def write_hub_checkpoint(
+    model: nn.Module, cfg: BaichuanConfig, out_dir: str | os.PathLike[str], fmt: HubFormat
+) -> Path:
+    """Write ``model`` as a published-style checkpoint in layout ``fmt`` (for tests).
+
+    RoPE checkpoints get the ``rotary_emb.inv_freq`` entries the published .bin files carry,
+    so loaders are exercised on them too. Sharded layouts use two shards."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = _cpu_contiguous(model.state_dict())
+    if cfg.position == "rope" and fmt.startswith("bin"):
+        inv_freq = 1.0 / (
+            cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
+        )
+        for i in range(cfg.num_hidden_layers):
+            state[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = inv_freq.clone()
+    torch_dtype = next(iter(state.values())).dtype
+    _write_json(out / "config.json", cfg.to_hf_dict(torch_dtype=torch_dtype))
+
+    if fmt == "bin":
+        torch.save(state, out / "pytorch_model.bin")
+    elif fmt == "safetensors":
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    elif fmt in ("bin-sharded", "safetensors-sharded"):
+        keys = list(state)
+        halves = [keys[: len(keys) // 2], keys[len(keys) // 2 :]]
+        is_bin = fmt == "bin-sharded"
+        weight_map = {}
+        for i, part in enumerate(halves, start=1):
+            shard = {k: state[k] for k in part}
+            if is_bin:
+                name = f"pytorch_model-{i:05d}-of-00002.bin"
+                torch.save(shard, out / name)
+            else:
+                name = f"model-{i:05d}-of-00002.safetensors"
+                save_file(shard, str(out / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(part, name))
+        index = "pytorch_model.bin.index.json" if is_bin else "model.safetensors.index.json"
+        total = sum(_nbytes(t) for t in state.values())
+        _write_json(out / index, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    else:
+        raise ValueError(f"unknown checkpoint format {fmt!r}")
+    return out
