@@ -86,7 +86,9 @@ def main() -> None:
     """Console entry point: user errors become one line and an exit code, never a traceback."""
     debug = os.environ.get("MLAUNCH_DEBUG") == "1"
     try:
-        app(standalone_mode=False)
+        # standalone_mode=False hands typer.Exit codes back as the return value.
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except MlaunchError as e:

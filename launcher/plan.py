@@ -17,6 +17,7 @@ from launcher.errors import ConfigError
 
 TORCHRUN = ["-m", "torch.distributed.run"]
 RUN_ID_ENV = "MLAUNCH_RUN_ID"
+PID_MARKER = "MLAUNCH_PID="
 _SECRET = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 
 
@@ -46,9 +47,12 @@ class NodePlan:
     setup: str | None
 
     def command(self, mask: bool = False) -> str:
-        """The node's exact shell command: `cd workdir && [setup &&] exec env K=V ... torchrun ...`."""
+        """The node's exact shell command: `printf MLAUNCH_PID=$$; cd workdir && [setup &&] exec env K=V ... torchrun ...`.
+
+        `$$` survives `exec`: the first output line is torchrun's own pid, which (sshd making the
+        pty's shell a session leader) is also its process group and session id, recorded per run."""
         env = masked_env(self.env) if mask else self.env
-        return shell_line(self.argv, env, cwd=self.workdir, setup=self.setup)
+        return f"printf '{PID_MARKER}%s\\n' \"$$\"; " + shell_line(self.argv, env, cwd=self.workdir, setup=self.setup)
 
 
 @dataclass(frozen=True)

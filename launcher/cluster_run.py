@@ -1,0 +1,354 @@
+"""`mlaunch run` on a cluster: torchrun on every node over SSH, logs streamed, and the promise
+that nothing outlives the run.
+
+Order of events: connect to every node in parallel (report every failure, start nothing) →
+resolve addresses and GPU counts → plan → sync code and the resolved config → check the
+rendezvous port on the master → start each node's torchrun in a pty → stream prefixed logs →
+on the first failure, dropped connection, Ctrl-C or SIGTERM stop every node (SIGTERM to the
+recorded torchrun, grace, then everything carrying this run's id) → verify nothing is left.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shlex
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from launcher.config import JobConfig, to_yaml
+from launcher.errors import MlaunchError
+from launcher.plan import NodePlan, Plan
+from launcher.run import _Stop, _say, build_plan, write_resolved_config
+
+#: Other nodes are stopped within this many seconds of a node's failure (the issue's promise).
+STOP_DEADLINE_S = 15.0
+TAIL_LINES = 20
+_COLOURS = ["36", "33", "35", "32", "34", "31", "96", "93", "95", "92", "94", "91"]
+
+
+def targets_for(cfg: JobConfig) -> dict[str, Any]:
+    """One SSHTarget per node, keyed by node name, settings merged node > cluster.ssh > ~/.ssh/config."""
+    from launcher import ssh
+
+    cluster = cfg.cluster
+    assert cluster is not None
+    s = cluster.ssh
+    out = {}
+    for i, node in enumerate(cluster.nodes):
+        name = cluster.node_name(i)
+        out[name] = ssh.SSHTarget(
+            host=node.host,
+            port=node.port or (s.port if s.port != 22 else None),
+            user=node.user or s.user,
+            identity_file=_expand(node.identity_file or s.identity_file),
+            known_hosts=_expand(s.known_hosts),
+            host_key_policy=s.host_key_policy,
+            connect_timeout=s.connect_timeout_s,
+            keepalive=s.keepalive_s,
+            proxy_jump=s.proxy_jump,
+            ssh_config=_expand(s.config_file) if s.config_file and Path(os.path.expanduser(s.config_file)).exists() else None,
+            name=name,
+        )
+    return out
+
+
+def _expand(path: str | None) -> str | None:
+    return os.path.expanduser(path) if path else None
+
+
+def connect_cluster(cfg: JobConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Connect in parallel; raise one MlaunchError listing every node that failed."""
+    from launcher import ssh
+
+    targets = targets_for(cfg)
+    results = ssh.connect_all(targets, max_workers=cfg.cluster.ssh.max_parallel)  # type: ignore[union-attr]
+    failed = {n: r for n, r in results.items() if isinstance(r, Exception)}
+    if failed:
+        ssh.close_all(results)
+        lines = "; ".join(f"{e}" for e in failed.values())
+        raise MlaunchError(f"{len(failed)} of {len(results)} node(s) unreachable, nothing started: {lines}")
+    return targets, results
+
+
+def resolve_addr(target: Any) -> str:
+    """The address other nodes dial: resolved in Python from the ssh HostName, never `hostname -I`."""
+    from launcher import ssh
+
+    host = ssh.resolve(target).host
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except socket.gaierror:
+        return host
+    v4 = [i[4][0] for i in infos if i[0] == socket.AF_INET]
+    return (v4 or [infos[0][4][0]])[0]
+
+
+def probe_gpus(conns: dict[str, Any]) -> dict[str, int]:
+    """GPU count per node via nvidia-smi (0 when absent), all nodes in parallel."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(conn: Any) -> int:
+        res = conn.run("nvidia-smi -L 2>/dev/null || true", timeout=30)
+        return sum(1 for line in res.stdout.splitlines() if line.startswith("GPU "))
+
+    with ThreadPoolExecutor(max_workers=min(32, len(conns))) as pool:
+        return dict(zip(conns, pool.map(one, conns.values())))
+
+
+_PORT_CHECK = r"""
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+try:
+    s.bind((sys.argv[1], int(sys.argv[2])))
+except OSError as e:
+    print(e.strerror); sys.exit(1)
+"""
+
+
+def check_port_free(conn: Any, python: str, addr: str, port: int) -> str | None:
+    """None when `addr:port` can be bound on the node, else the reason."""
+    res = conn.run(" ".join(shlex.quote(a) for a in [python, "-c", _PORT_CHECK, addr, str(port)]), timeout=30)
+    return None if res.exit_code == 0 else (res.stdout.strip() or res.stderr.strip() or f"exit {res.exit_code}")
+
+
+@dataclass
+class NodeJob:
+    plan: NodePlan
+    conn: Any
+    target: Any
+    proc: Any = None
+    log: Any = None
+    tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=TAIL_LINES))
+    exit_code: int | None = None
+    dropped: bool = False
+    reader: threading.Thread | None = None
+
+
+def run_on_cluster(cfg: JobConfig) -> int:
+    from launcher import ssh
+
+    assert cfg.cluster is not None
+    targets, conns = connect_cluster(cfg)
+    jobs: dict[str, NodeJob] = {}
+    try:
+        names = list(targets)
+        addrs = {i: resolve_addr(targets[n]) for i, n in enumerate(names) if not cfg.cluster.nodes[i].addr}
+        gpus = None
+        if cfg.launch.nproc_per_node == "auto":
+            found = probe_gpus(conns)
+            gpus = {i: found[n] for i, n in enumerate(names)}
+        the_plan, _ = build_plan(cfg, standalone=False, probe=False, addrs=addrs, gpus=gpus)
+        assert the_plan.resolved is not None
+        out = Path(cfg.train.output_dir)
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        write_resolved_config(the_plan.resolved, Path(the_plan.config_path))
+        _prepare_nodes(cfg, the_plan, conns)
+        _say(f"run {the_plan.run_id}: {len(the_plan.nodes)} node(s), world size {the_plan.world_size}, "
+             f"strategy {the_plan.parallel.get('strategy')}, rendezvous {the_plan.rendezvous.endpoint if the_plan.rendezvous else '-'}")
+        for node in the_plan.nodes:
+            jobs[node.name] = NodeJob(node, conns[node.name], targets[node.name])
+        return _execute(cfg, the_plan, jobs)
+    finally:
+        ssh.close_all(conns)
+
+
+def _prepare_nodes(cfg: JobConfig, the_plan: Plan, conns: dict[str, Any]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    cluster = cfg.cluster
+    assert cluster is not None and the_plan.rendezvous is not None
+    project = Path.cwd()
+    config_text = to_yaml(the_plan.resolved)  # type: ignore[arg-type]
+
+    def prepare(node: NodePlan) -> None:
+        conn = conns[node.name]
+        if cluster.sync:
+            excludes = [cfg.train.output_dir, "runs", *cluster.sync_exclude]
+            stats = conn.put_tree(project, cluster.workdir, exclude_globs=excludes)
+            _say(f"{node.name}: synced {stats}")
+        _put_text(conn, cluster.workdir, the_plan.config_path, config_text)
+
+    with ThreadPoolExecutor(max_workers=min(cluster.ssh.max_parallel, len(the_plan.nodes))) as pool:
+        errors = [f.exception() for f in [pool.submit(prepare, n) for n in the_plan.nodes]]
+    errs = [e for e in errors if e is not None]
+    if errs:
+        raise errs[0] if isinstance(errs[0], MlaunchError) else MlaunchError(f"preparing the nodes failed: {errs[0]}")
+
+    master = the_plan.nodes[0]
+    if the_plan.rendezvous.master_addr == master.addr:
+        reason = check_port_free(conns[master.name], cluster.python, master.addr, the_plan.rendezvous.port)
+        if reason:
+            raise MlaunchError(f"rendezvous port {the_plan.rendezvous.port} on {master.name} ({master.addr}) is not free: "
+                               f"{reason}; stop what holds it or set launch.rdzv.port")
+
+
+def _put_text(conn: Any, workdir: str, relpath: str, text: str) -> None:
+    """Write a file under the node's workdir atomically (tmp + rename): a rank never reads half a config."""
+    dest = relpath if relpath.startswith("/") else f"{workdir.rstrip('/')}/{relpath}"
+    parent = dest.rsplit("/", 1)[0]
+    quoted = _q(dest)
+    cmd = (f"mkdir -p {_q(parent)} && cat > {quoted}.tmp$$ && mv -f {quoted}.tmp$$ {quoted}")
+    chan = conn.transport.open_session(timeout=30)
+    try:
+        chan.exec_command(cmd)
+        chan.sendall(text.encode())
+        chan.shutdown_write()
+        code = chan.recv_exit_status()
+    finally:
+        chan.close()
+    if code != 0:
+        raise MlaunchError(f"node {conn.label}: cannot write {dest} (exit {code}); check that cluster.workdir is writable")
+
+
+def _q(path: str) -> str:
+    if path.startswith("~/"):
+        return "~/" + shlex.quote(path[2:])
+    return shlex.quote(path)
+
+
+def _execute(cfg: JobConfig, the_plan: Plan, jobs: dict[str, NodeJob]) -> int:
+    out = Path(cfg.train.output_dir)
+    colour = sys.stdout.isatty()
+    width = max(len(n) for n in jobs)
+    print_lock = threading.Lock()
+    changed = threading.Event()
+    grace = cfg.launch.grace_period_s
+
+    with _Stop() as stop:
+        for i, (name, job) in enumerate(jobs.items()):
+            job.log = open(out / "logs" / f"{_safe(name)}.log", "a", encoding="utf-8")
+            job.proc = job.conn.start(job.plan.command(), pty=True)
+            prefix = f"\x1b[{_COLOURS[i % len(_COLOURS)]}m{name:<{width}}\x1b[0m | " if colour else f"{name:<{width}} | "
+            job.reader = threading.Thread(target=_read, args=(job, prefix, print_lock, changed), daemon=True,
+                                          name=f"mlaunch-log-{name}")
+            job.reader.start()
+        _record(out, the_plan, jobs)
+
+        failed: NodeJob | None = None
+        while not stop.event.is_set():
+            if all(j.exit_code is not None for j in jobs.values()):
+                break
+            failed = next((j for j in jobs.values() if j.dropped or (j.exit_code not in (None, 0))), None)
+            if failed:
+                break
+            changed.wait(0.5)
+            changed.clear()
+            _check_transports(jobs, changed)
+
+        if stop.signum is not None:
+            _say(f"stopping run {the_plan.run_id} on every node (signal {stop.signum})")
+            _stop_all(the_plan, jobs, grace)
+            return stop.exit_code
+        if failed is not None:
+            why = "lost its SSH connection" if failed.dropped else f"exited with code {failed.exit_code}"
+            _say(f"node {failed.plan.name} {why}; stopping the other nodes")
+            t0 = time.monotonic()
+            _stop_all(the_plan, jobs, min(grace, STOP_DEADLINE_S - 3))
+            _say(f"all nodes stopped in {time.monotonic() - t0:.1f}s")
+            tail = "\n".join(f"    {line}" for line in failed.tail)
+            print(f"[mlaunch] last lines of {failed.plan.name}:\n{tail}", file=sys.stderr, flush=True)
+            code = failed.exit_code if (failed.exit_code not in (None, 0) and not failed.dropped) else 255
+            _say(f"run failed on node {failed.plan.name} ({why}); logs: {out / 'logs'}")
+            return code
+        for job in jobs.values():
+            if job.reader:
+                job.reader.join(timeout=5)
+            job.log.close()
+        _verify_clean(the_plan, jobs)
+        _say(f"run {the_plan.run_id} finished on all {len(jobs)} node(s); outputs in {out}/")
+        return 0
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def _read(job: NodeJob, prefix: str, lock: threading.Lock, changed: threading.Event) -> None:
+    """Drain one node's output: prefixed to our stdout, verbatim to its log file."""
+    try:
+        for line in job.proc.lines():
+            job.tail.append(line)
+            job.log.write(line + "\n")
+            job.log.flush()
+            with lock:
+                sys.stdout.write(prefix + line + "\n")
+                sys.stdout.flush()
+        job.exit_code = job.proc.exit_status(timeout=30)
+    except Exception:  # the transport died under us
+        job.dropped = True
+    if job.exit_code == -1:
+        job.dropped = True  # channel closed without an exit status: the connection went away
+    changed.set()
+
+
+def _check_transports(jobs: dict[str, NodeJob], changed: threading.Event) -> None:
+    for job in jobs.values():
+        if job.exit_code is None and not job.dropped and not job.conn.is_active:
+            job.dropped = True
+            changed.set()
+
+
+def _record(out: Path, the_plan: Plan, jobs: dict[str, NodeJob]) -> None:
+    """Per node: the recorded torchrun pid (= its process group and session id) for this run."""
+    pids = {}
+    for name, job in jobs.items():
+        try:
+            pids[name] = job.proc.wait_pid(timeout=30)
+        except MlaunchError:
+            pids[name] = None
+    (out / "logs" / "run.json").write_text(json.dumps(
+        {"run_id": the_plan.run_id, "nodes": {n: {"host": j.plan.host, "port": j.plan.port, "pid": pids[n], "sid": pids[n]}
+                                              for n, j in jobs.items()}}, indent=2))
+
+
+def _stop_all(the_plan: Plan, jobs: dict[str, NodeJob], grace: float) -> None:
+    """SIGTERM each node's torchrun, then everything carrying the run id, in parallel on all nodes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        results = list(pool.map(lambda j: _stop_node(the_plan.run_id, j, grace), jobs.values()))
+    for job in jobs.values():
+        try:
+            job.proc.close()  # hangs up the pty as well: a second path to the same end
+        except Exception:
+            pass
+    for msg in results:
+        if msg:
+            _say(msg)
+
+
+def _stop_node(run_id: str, job: NodeJob, grace: float) -> str | None:
+    from launcher import ssh
+
+    conn = job.conn
+    fresh = None
+    try:
+        if not conn.is_active:
+            # The job's connection dropped: the pty hangup should have ended it; verify over a new one.
+            fresh = conn = ssh.connect(job.target)
+        pids = [job.proc.pid] if job.proc and job.proc.pid else []
+        report = ssh.kill_run(conn, run_id, pids=pids, grace_s=grace, python=_python(job))
+        if report.remaining:
+            return f"{job.plan.name}: processes {report.remaining} of run {run_id} survived SIGKILL"
+        return None
+    except Exception as e:
+        return f"{job.plan.name}: could not verify cleanup ({e}); check with `ps -eo pid,cmd e | grep {run_id}`"
+    finally:
+        if fresh is not None:
+            fresh.close()
+
+
+def _python(job: NodeJob) -> str:
+    return job.plan.argv[0]
+
+
+def _verify_clean(the_plan: Plan, jobs: dict[str, NodeJob]) -> None:
+    """After a clean finish torchrun has reaped its workers; anything else carrying the id is ended."""
+    _stop_all(the_plan, jobs, grace=3.0)

@@ -1,0 +1,335 @@
+"""`mlaunch nodes check`: is every node reachable and fit, before a job is wasted?
+
+Every node is checked in parallel and every node is reported — a bad node never hides the
+others. Each failed check carries the fix it suggests. Exit 0 when all pass, 1 when any fails.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from launcher.config import ClusterConfig, load_cluster, load_config, validate
+from launcher.errors import ConfigError, MlaunchError
+
+#: One round trip gathers everything the node's python can tell (torch import ≈ 1.5 s).
+_PROBE = r"""
+import json, os, shutil, sys, time
+out = {"python": sys.version.split()[0], "executable": sys.executable}
+wd = os.path.expanduser(sys.argv[1])
+probe = wd
+while probe and not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+out["workdir_exists"] = os.path.isdir(wd)
+try:
+    out["disk_free_gb"] = round(shutil.disk_usage(probe or "/").free / 2**30, 1)
+except OSError:
+    out["disk_free_gb"] = None
+try:
+    import torch
+    out["torch"] = torch.__version__
+    out["cuda"] = torch.cuda.is_available()
+    if out["cuda"]:
+        out["gpus"] = []
+        for i in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(i)
+            out["gpus"].append({"name": torch.cuda.get_device_name(i), "free_gb": round(free / 2**30, 1), "total_gb": round(total / 2**30, 1)})
+        try:
+            out["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        except Exception:
+            out["nccl"] = None
+except Exception as e:
+    out["torch_error"] = f"{type(e).__name__}: {e}"
+out["time"] = time.time()
+print("MLAUNCH_PROBE=" + json.dumps(out))
+"""
+
+_LISTEN = r"""
+import socket, sys, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+try:
+    s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(64)
+except OSError as e:
+    print("BIND_FAILED " + (e.strerror or str(e)), flush=True); sys.exit(1)
+print("LISTENING", flush=True)
+s.settimeout(float(sys.argv[3]))
+end = time.time() + float(sys.argv[3])
+while time.time() < end:
+    try:
+        c, _ = s.accept(); c.close()
+    except OSError:
+        break
+"""
+
+_DIAL = r"""
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])).close(); print("OK")
+except OSError as e:
+    print("FAIL " + (e.strerror or type(e).__name__)); sys.exit(1)
+"""
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+@dataclass
+class NodeReport:
+    node: str
+    checks: list[Check] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def add(self, name: str, ok: bool, detail: str, fix: str = "") -> None:
+        self.checks.append(Check(name, ok, detail, "" if ok else fix))
+
+
+def _cmd(python: str, code: str, *args: str) -> str:
+    exe = "~/" + shlex.quote(python[2:]) if python.startswith("~/") else shlex.quote(python)
+    return " ".join([exe, "-c", shlex.quote(code), *(shlex.quote(a) for a in args)])
+
+
+def _cluster_from(path: Path, overrides: list[str]) -> tuple[ClusterConfig, Any]:
+    """A job YAML (with `cluster`) or a bare cluster YAML; returns (cluster, job config or None)."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found; pass a job or cluster YAML, set $MLAUNCH_CLUSTER, or create ./cluster.yaml")
+    import yaml
+
+    head = yaml.safe_load(path.read_text()) if path.stat().st_size < 1 << 20 else None
+    if isinstance(head, dict) and "train" in head:
+        job = load_config(path, overrides)
+        if job.cluster is None:
+            raise ConfigError(f"{path}: has no `cluster` section; nothing to check")
+        return job.cluster, job
+    if overrides:
+        raise ConfigError("--set applies to job YAMLs; edit the cluster YAML instead")
+    return load_cluster(path), None
+
+
+def check(path: Path, *, overrides: list[str], as_json: bool, collective: bool) -> int:
+    from launcher import cluster_run, ssh
+
+    cluster, job = _cluster_from(Path(path), overrides)
+    if job is None:
+        job = validate({"cluster": cluster.model_dump(), "train": {"model": {"init": {}}}})
+    targets = cluster_run.targets_for(job)
+    names = list(targets)
+    reports = {n: NodeReport(n) for n in names}
+    t0 = {n: time.monotonic() for n in names}
+    conns = ssh.connect_all(targets, max_workers=cluster.ssh.max_parallel)
+    rdzv_port = job.launch.rdzv.port
+    try:
+        def probe(name: str) -> None:
+            rep, conn = reports[name], conns[name]
+            if isinstance(conn, Exception):
+                rep.add("ssh", False, str(conn).removeprefix(f"node {name}: "), _ssh_fix(str(conn)))
+                return
+            start = time.monotonic()
+            conn.run("true", timeout=cluster.ssh.connect_timeout_s)
+            rtt = time.monotonic() - start
+            rep.facts["latency_ms"] = round(rtt * 1000, 1)
+            rep.add("ssh", True, f"{rtt * 1000:.0f} ms")
+            # Clock offset against the midpoint of one short round trip (NTP's estimate).
+            sent = time.time()
+            clock = conn.run("date +%s.%N", timeout=cluster.ssh.connect_timeout_s)
+            back = time.time()
+            res = conn.run(_cmd(cluster.python, _PROBE, cluster.workdir), timeout=120)
+            line = next((x for x in res.stdout.splitlines() if x.startswith("MLAUNCH_PROBE=")), None)
+            if res.exit_code != 0 or line is None:
+                err = (res.stderr.strip().splitlines() or [f"exit {res.exit_code}"])[-1]
+                rep.add("python", False, f"{cluster.python}: {err}", "set cluster.python to the interpreter that has torch (e.g. ~/venv/bin/python)")
+                return
+            facts = json.loads(line.split("=", 1)[1])
+            rep.facts.update(facts)
+            rep.add("python", True, f"{facts['python']}")
+            if "torch_error" in facts:
+                rep.add("torch", False, facts["torch_error"], f"install torch in {facts['executable']}")
+                return
+            rep.add("torch", True, facts["torch"])
+            try:
+                offset = float(clock.stdout.strip()) - (sent + back) / 2
+            except ValueError:
+                offset = facts["time"] - back  # no GNU date: a coarser estimate
+            rep.facts["clock_offset_s"] = round(offset, 3)
+            rep.add("clock", abs(offset) < 1.0, f"{offset:+.3f} s", "sync the clocks (chrony/ntp): logs and timeouts compare times across nodes")
+            disk = facts.get("disk_free_gb")
+            rep.add("disk", disk is not None and disk >= 1.0, f"{disk} GB free", f"free space under {cluster.workdir}")
+            gpus = facts.get("gpus") or []
+            if facts.get("cuda"):
+                names_ = sorted({g["name"] for g in gpus})
+                rep.add("gpus", bool(gpus), f"{len(gpus)} × {', '.join(names_)}; min free {min(g['free_gb'] for g in gpus)} GB", "check nvidia-smi")
+                rep.add("nccl", bool(facts.get("nccl")), str(facts.get("nccl")), "install a torch build with NCCL")
+            else:
+                rep.facts["gpus"] = []
+                rep.add("gpus", True, "none (CPU, gloo)")
+
+        with ThreadPoolExecutor(max_workers=min(cluster.ssh.max_parallel, len(names))) as pool:
+            list(pool.map(probe, names))
+
+        _same_torch(reports)
+        _check_rendezvous(cluster, names, conns, reports, rdzv_port, job)
+        if collective:
+            _collective(job, names, conns, reports)
+    finally:
+        ssh.close_all(conns)
+
+    ok = all(r.ok for r in reports.values())
+    if as_json:
+        print(json.dumps({"ok": ok, "nodes": {n: {"ok": r.ok, "checks": [asdict(c) for c in r.checks], "facts": r.facts}
+                                             for n, r in reports.items()}}, indent=2))
+    else:
+        _print(reports, ok)
+    return 0 if ok else 1
+
+
+def _ssh_fix(msg: str) -> str:
+    if "ssh-keyscan" in msg or "host key" in msg:
+        return "add the host key (see the message) or set cluster.ssh.host_key_policy: accept-new"
+    if "auth" in msg.lower():
+        return "check cluster.ssh.user / identity_file, and that the public key is in the node's authorized_keys"
+    return "check that the node is up, sshd listens on that port, and no firewall is in the way"
+
+
+def _same_torch(reports: dict[str, NodeReport]) -> None:
+    versions = {r.facts.get("torch") for r in reports.values() if r.facts.get("torch")}
+    if len(versions) > 1:
+        for r in reports.values():
+            if r.facts.get("torch"):
+                r.add("torch-match", False, f"torch versions differ across nodes: {sorted(versions)}",
+                      "install the same torch on every node (collectives across versions are undefined)")
+
+
+def _check_rendezvous(cluster: ClusterConfig, names: list[str], conns: dict, reports: dict[str, NodeReport], port: int, job: Any) -> None:
+    """The port is free on the master, and every other node reaches it by a real TCP connection."""
+    from launcher import cluster_run
+
+    master = names[0]
+    mconn = conns[master]
+    if isinstance(mconn, Exception) or not reports[master].ok:
+        return
+    addr = cluster.nodes[0].addr or cluster_run.resolve_addr(cluster_run.targets_for(job)[master])
+    # In a pty, so closing the channel hangs the listener up: the port is free again at once.
+    listener = mconn.start("exec " + _cmd(cluster.python, _LISTEN, addr, str(port), "60"), pty=True)
+    first = ""
+    deadline = time.monotonic() + 20
+    while not first and time.monotonic() < deadline and not listener.at_eof:
+        lines = listener.read_lines(timeout=1.0)
+        first = lines[0] if lines else ""
+    if not first.startswith("LISTENING"):
+        detail = first.removeprefix("BIND_FAILED ") or "no answer"
+        reports[master].add("rdzv-port", False, f"{addr}:{port} not free ({detail})",
+                            "stop what holds the port (`ss -ltnp`) or set launch.rdzv.port")
+        listener.close()
+        return
+    reports[master].add("rdzv-port", True, f"{addr}:{port} free")
+    try:
+        def dial(name: str) -> None:
+            conn = conns[name]
+            if isinstance(conn, Exception) or not reports[name].ok:
+                return
+            res = conn.run(_cmd(cluster.python, _DIAL, addr, str(port), "5"), timeout=30)
+            ok = res.exit_code == 0
+            reports[name].add("rdzv-reach", ok, f"{addr}:{port} {'reachable' if ok else res.stdout.strip() or 'unreachable'}",
+                              f"open TCP {port} from this node to {addr} (firewall/security group), or set cluster.nodes[0].addr")
+
+        with ThreadPoolExecutor(max_workers=max(1, min(32, len(names) - 1))) as pool:
+            list(pool.map(dial, names[1:]))
+    finally:
+        listener.close()
+
+
+_ALLREDUCE = r"""
+import datetime, os, torch, torch.distributed as dist
+backend = "nccl" if torch.cuda.is_available() else "gloo"
+if backend == "nccl":
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+dist.init_process_group(backend, timeout=datetime.timedelta(seconds=60))
+dev = "cuda" if backend == "nccl" else "cpu"
+t = torch.ones(1024, device=dev) * (dist.get_rank() + 1)
+dist.all_reduce(t)
+n = dist.get_world_size()
+assert int(t[0].item()) == n * (n + 1) // 2, t[0].item()
+dist.barrier()
+if dist.get_rank() == 0:
+    print(f"ALLREDUCE_OK world={n} backend={backend}", flush=True)
+dist.destroy_process_group()
+os._exit(0)
+"""
+
+
+def _collective(job: Any, names: list[str], conns: dict, reports: dict[str, NodeReport]) -> None:
+    """A tiny all-reduce through torchrun on every node, 1 process each, under a deadline."""
+    from launcher import cluster_run
+    from launcher.run import build_plan
+
+    if not all(r.ok for r in reports.values()):
+        for r in reports.values():
+            r.add("collective", False, "skipped: a node failed an earlier check", "fix the failures above first")
+        return
+    cfg = job.model_copy(deep=True)
+    cfg.launch.nproc_per_node = 1
+    addrs = {i: cluster_run.resolve_addr(t) for i, t in enumerate(cluster_run.targets_for(job).values()) if not job.cluster.nodes[i].addr}
+    the_plan, _ = build_plan(cfg, standalone=False, probe=False, addrs=addrs)
+    script = f"/tmp/mlaunch-allreduce-{the_plan.run_id}.py"
+    procs = {}
+    for node in the_plan.nodes:
+        conn = conns[node.name]
+        cluster_run._put_text(conn, "/", script, _ALLREDUCE)
+        argv = node.argv[: node.argv.index("-m", 3)] + [script]
+        argv[argv.index("--rdzv-conf") + 1] = argv[argv.index("--rdzv-conf") + 1].replace("join_timeout=600", "join_timeout=60")
+        from launcher.plan import shell_line
+
+        procs[node.name] = conn.start(shell_line(argv, node.env, cwd="/tmp"), pty=True)
+    for name, proc in procs.items():
+        try:
+            code = proc.exit_status(timeout=120)
+            out = [line for line in proc.lines()]
+        except MlaunchError as e:
+            code, out = -1, [str(e)]
+            proc.close()
+        ok = code == 0
+        detail = next((line for line in out if "ALLREDUCE_OK" in line), "all-reduce ok" if ok else f"exit {code}: {(out or [''])[-1][:160]}")
+        reports[name].add("collective", ok, detail,
+                          "check NCCL_SOCKET_IFNAME/GLOO_SOCKET_IFNAME and that all nodes reach each other on all ports")
+        conns[name].run(f"rm -f {shlex.quote(script)}", timeout=30)
+
+
+def _print(reports: dict[str, NodeReport], ok: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+    cols = ["ssh", "python", "torch", "gpus", "nccl", "disk", "clock", "rdzv-port", "rdzv-reach", "collective"]
+    present = [c for c in cols if any(ch.name == c for r in reports.values() for ch in r.checks)]
+    table = Table(title="nodes check", title_justify="left")
+    table.add_column("node")
+    for c in present:
+        table.add_column(c)
+    table.add_column("result")
+    for name, rep in reports.items():
+        cells = []
+        for c in present:
+            found = [ch for ch in rep.checks if ch.name == c]
+            cells.append("" if not found else (f"[green]{found[0].detail}[/green]" if found[0].ok else f"[red]{found[0].detail}[/red]"))
+        table.add_row(name, *cells, "[green]ok[/green]" if rep.ok else "[red]FAIL[/red]")
+    console.print(table)
+    for name, rep in reports.items():
+        for ch in rep.checks:
+            if not ch.ok:
+                console.print(f"[red]✗[/red] {name}: {ch.name}: {ch.detail} — fix: {ch.fix}", markup=True)
+    bad = sum(not r.ok for r in reports.values())
+    console.print("[green]all nodes ready[/green]" if ok else f"[red]{bad} of {len(reports)} node(s) not ready[/red]")
