@@ -1,0 +1,157 @@
+"""Helpers for tests that run real training jobs (`python -m train`, alone or under torchrun).
+
+    from tests.helpers import write_job, run_train, read_metrics
+
+    cfg = write_job(tmp_path, max_steps=5, data={"micro_batch_size": 2})
+    result = run_train(cfg, nproc=2)              # torchrun --standalone --nproc-per-node 2 -m train
+    assert result.returncode == 0, result.stderr
+    steps = read_metrics(tmp_path / "run")
+
+`write_job` writes a tiny, fast job (2-layer hidden-32 model, the bundled Bitext sample cut to
+64 rows, 64-token examples, a SentencePiece tokenizer trained once per session) and returns the
+YAML's path; keyword arguments are deep-merged into the `train:` section. Jobs run with
+OMP_NUM_THREADS=1 and MLAUNCH_RUN_ID set, so `kill_run` can SIGKILL exactly that job's
+processes, torchrun's workers included (they live in sessions of their own).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_DATA = ROOT / "train" / "data" / "bitext_sample.jsonl"
+_TOKENIZER_CACHE: dict[str, Path] = {}
+
+
+def tiny_tokenizer(directory: Path) -> Path:
+    """A small SentencePiece model trained on the bundled sample, once per test session."""
+    key = str(SAMPLE_DATA)
+    if key not in _TOKENIZER_CACHE or not _TOKENIZER_CACHE[key].is_file():
+        from train.tokenizer import train_sentencepiece
+
+        rows = map(json.loads, SAMPLE_DATA.read_text().splitlines()[:200])
+        # The sample has deliberately bad rows (missing or non-text fields): keep only text.
+        texts = [f"{r.get('instruction')} {r.get('response')}" for r in rows if isinstance(r.get("response"), str)]
+        _TOKENIZER_CACHE[key] = train_sentencepiece(texts, directory / "tokenizer.model", vocab_size=512)
+    return _TOKENIZER_CACHE[key]
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def write_job(tmp_path: Path, name: str = "job", **train: Any) -> Path:
+    """Write `<tmp_path>/<name>.yaml` for a tiny CPU job whose outputs go to `<tmp_path>/run`
+    (override with output_dir=...). Keyword arguments are deep-merged into `train:`."""
+    section: dict[str, Any] = {
+        "model": {"init": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}},
+        "tokenizer": {"path": str(tiny_tokenizer(tmp_path.parent))},
+        "data": {"path": str(SAMPLE_DATA), "max_rows": 64, "max_length": 64, "micro_batch_size": 2, "eval_fraction": 0.1},
+        "optim": {"lr": 3e-3},
+        "schedule": {"warmup_steps": 1, "decay": "cosine"},
+        "max_steps": 5,
+        "device": "cpu",
+        "output_dir": str(tmp_path / "run"),
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"train": _merge(section, train)}, sort_keys=False))
+    return path
+
+
+def train_command(config: Path, nproc: int | None, overrides: tuple[str, ...] = ()) -> list[str]:
+    """`python -m train CONFIG` when nproc is None, else torchrun --standalone with nproc workers."""
+    sets = [a for o in overrides for a in ("--set", o)]
+    if nproc is None:
+        return [sys.executable, "-m", "train", str(config), *sets]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "train", str(config), *sets]
+
+
+def job_env(run_id: str | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), MLAUNCH_RUN_ID=run_id or uuid.uuid4().hex)
+    env.pop("MLAUNCH_DEBUG", None)
+    env.update(extra or {})
+    return env
+
+
+def run_train(config: Path, nproc: int | None = None, *, overrides: tuple[str, ...] = (), timeout: float = 120,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a job to completion (text output captured); on timeout kill all of it and raise."""
+    run_id = uuid.uuid4().hex
+    proc = start_train(config, nproc, overrides=overrides, run_id=run_id, env=env)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_run(proc, run_id)
+        out, err = proc.communicate()
+        raise AssertionError(f"training did not finish in {timeout} s\nstdout:\n{out}\nstderr:\n{err}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def start_train(config: Path, nproc: int | None = None, *, overrides: tuple[str, ...] = (), run_id: str,
+                env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start a job in the background, in its own process group, tagged with MLAUNCH_RUN_ID=run_id."""
+    return subprocess.Popen(train_command(config, nproc, overrides), cwd=ROOT, env=job_env(run_id, env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _run_pids(run_id: str) -> list[int]:
+    needle = f"MLAUNCH_RUN_ID={run_id}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue  # gone, or not ours to read
+    return pids
+
+
+def kill_run(proc: subprocess.Popen, run_id: str, sig: int = signal.SIGKILL) -> None:
+    """Send `sig` to the job's process group and to every process carrying its run id (torchrun's
+    workers are in their own sessions: killing torchrun alone would orphan them)."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    for pid in _run_pids(run_id):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def wait_gone(run_id: str, timeout: float = 10) -> None:
+    """Wait until no process of the run is left (SIGKILLed workers take a moment to be reaped)."""
+    deadline = time.monotonic() + timeout
+    while _run_pids(run_id):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"processes of run {run_id} still alive: {_run_pids(run_id)}")
+        time.sleep(0.05)
+
+
+def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
+    """The training records of `<output_dir>/metrics.jsonl` (eval records left out)."""
+    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+def read_eval_metrics(output_dir: Path) -> list[dict[str, Any]]:
+    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "eval_loss" in r]

@@ -1,0 +1,54 @@
+"""`python -m train CONFIG [--set dotted.key=value ...]`: alone (world size 1) or under torchrun.
+
+Thin on purpose: load the config, check the parallel layout, start the process group, run the
+loop, and always leave through `distributed.shutdown` (see the gloo pitfall there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+from launcher.config import load_config
+from launcher.errors import ConfigError
+from train import distributed as D
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="job YAML")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    env = D.DistEnv.from_env()
+    stop = D.StopFlag().install()
+    code, clean = 1, False
+    try:
+        job = load_config(args.config, args.overrides)
+        from train.parallel.base import ParallelDims  # torch: only once the config is known good
+
+        # Before the rendezvous: a bad layout is one line, not a hang or a NCCL error.
+        dims = ParallelDims.from_config(job.train.parallel, env.world_size, env.local_world_size)
+        device = D.select_device(job.train.device, env.local_rank)
+        D.set_cpu_threads(env, device)
+        D.init_process_group(env, device)
+        from train.loop import train
+
+        code = train(job, env, dims, device, stop)
+        clean = True  # every rank got here together: the shutdown barrier is safe
+    except ConfigError as e:
+        code = e.exit_code
+        if env.is_rank0:
+            print(f"error: {e}", file=sys.stderr)
+            if os.environ.get("MLAUNCH_DEBUG"):
+                traceback.print_exc()
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        D.shutdown(code, clean=clean)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,329 @@
+"""The training loop: the product tutorial's recipe (prompt → tokens → AdamW on a causal LM) made
+real: length-grouped batches instead of padding to 1024, any parallel strategy, exact resume.
+
+Reading order: `train` (set-up, resume, the loop, the end), then the helpers it calls.
+
+Loss normalisation. A step's loss is the mean over every real target token of the global batch
+(all micro-batches of the step, all data-parallel ranks). The token counts of the whole step are
+summed across ranks before its first forward (one all-reduce, which also carries the SIGTERM
+flag), and each micro-batch's loss sum is scaled by dp_size / global_count before backward: the
+strategy averages gradients over dp_size replicas, which cancels the dp_size. A world of 2 with
+micro-batch b thus follows the same trajectory as a world of 1 with micro-batch 2b.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from launcher.config import JobConfig, TrainConfig, to_yaml
+from launcher.errors import ConfigError
+from train import checkpoint as ckpt
+from train import distributed as D
+from train.distributed import DistEnv, StopFlag
+from train.metrics import MetricsLogger, gpu_peak_flops
+from train.models.baichuan import (
+    BaichuanConfig,
+    BaichuanForCausalLM,
+    flops_per_token,
+    init_weights,
+    num_params,
+    set_activation_checkpointing,
+)
+from train.parallel.base import ParallelDims, Parallelized, parallelize, target_tokens
+from train.parallel.mesh import build_mesh
+
+EXIT_STOPPED = 128 + 15  # SIGTERM's conventional exit status
+
+# variant → (position, norm_head); `auto` reads config.json (or, for `init`, baichuan2-7b's layout)
+_VARIANT_LAYOUT = {
+    "baichuan-7b": ("rope", False),
+    "baichuan-13b": ("alibi", False),
+    "baichuan2-7b": ("rope", True),
+    "baichuan2-13b": ("alibi", True),
+}
+
+
+def train(job: JobConfig, env: DistEnv, dims: ParallelDims, device: torch.device, stop: StopFlag) -> int:
+    """Run one training job on this rank; returns the exit code. Collective on every rank."""
+    from train.data import ensure_tokenizer, make_batch_sampler, prepare_data  # heavy (datasets)
+    from train.tokenizer import BaichuanTokenizer
+
+    cfg = job.train
+    out_dir = Path(cfg.output_dir)
+    ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else out_dir / "checkpoints"
+    removed: list[Path] = []
+    if env.is_rank0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not (out_dir / "config.yaml").exists():  # a resumed run keeps the config it started with
+            (out_dir / "config.yaml").write_text(to_yaml(job))
+        removed = ckpt.clean_incomplete(ckpt_dir)
+    D.barrier()
+
+    # ---------------------------------------------------------------- tokenizer, data, model
+    torch.manual_seed(cfg.seed)
+    mesh = build_mesh(dims, device)
+    model_dir = _model_dir(cfg)
+    barrier_kw = dict(local_rank=env.local_rank, barrier=D.barrier)
+    tokenizer_file = ensure_tokenizer(cfg, model_dir, out_dir / "cache", **barrier_kw)
+    tokenizer = BaichuanTokenizer(tokenizer_file)
+    data = prepare_data(cfg, tokenizer, out_dir / "cache", **barrier_kw)
+    model, mcfg = build_model(cfg, tokenizer.vocab_size, model_dir, device)
+    z_loss = cfg.model.z_loss_weight if cfg.model.z_loss_weight is not None else mcfg.z_loss_weight
+    par = parallelize(model, dims=dims, mesh=mesh, cfg=cfg, device=device, z_loss_weight=z_loss)
+    optimizer = build_optimizer(par, cfg, device)
+
+    # The sampler owns the data position (epoch, next global batch); a resume restores it.
+    sampler = make_batch_sampler(cfg.data, data.train["length"], dp_rank=par.dp_rank, dp_size=par.dp_size, seed=cfg.seed)
+    micro_per_epoch = len(sampler)
+    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
+
+    # ---------------------------------------------------------------- resume
+    step = 0
+    resume_from = ckpt.find_resume(ckpt_dir, cfg.checkpoint.resume)
+    if resume_from is not None:
+        state = ckpt.load(resume_from, par, optimizer)
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        step = state["step"]
+
+    log = MetricsLogger(out_dir, enabled=env.is_rank0, total_steps=total_steps, start_step=step,
+                        tensorboard=cfg.tensorboard)
+    if env.is_rank0:
+        for p in removed:
+            log.message(f"removed half-written checkpoint {p}")
+    n_eval = len(data.eval) if data.eval is not None else 0
+    log.message(
+        f"{dims.strategy} on {dims.world_size} rank(s) ({device.type}); model {num_params(mcfg) / 1e6:.2f}M params; "
+        f"{len(data.train)} train / {n_eval} eval examples, {data.skipped} bad rows skipped; "
+        f"{micro_per_epoch} micro-batches/epoch x grad_accum {cfg.grad_accum} -> {total_steps} steps"
+        + (f"; resumed from {resume_from} at step {step}" if resume_from else "")
+    )
+
+    # ---------------------------------------------------------------- the loop
+    collate_kw = {"pad_to": cfg.data.max_length if cfg.data.batching == "pad_to_max" else None,
+                  "max_length": cfg.data.max_length}
+    peak = gpu_peak_flops(device, job.cluster.gpu.peak_tflops if job.cluster else None)
+    replication = dims.world_size // par.dp_size  # ranks that see the same batch (pipeline stages)
+    batches_iter = iter(sampler)
+    window = _Window()
+    t_start = time.perf_counter()
+    stopped = False
+    par.train()
+    while step < total_steps:
+        chunk = list(itertools.islice(batches_iter, cfg.grad_accum))
+        if not chunk:  # epoch done: the sampler has moved on to the next one
+            batches_iter = iter(sampler)
+            chunk = list(itertools.islice(batches_iter, cfg.grad_accum))
+        batches = [_collate(data.train, idx, collate_kw) for idx in chunk]
+
+        # One all-reduce per step: the token counts that normalise the loss, and the stop flag.
+        counts = torch.tensor(
+            [sum(target_tokens(b) for b in batches), sum(int(b["attention_mask"].sum()) for b in batches),
+             sum(b["input_ids"].numel() for b in batches), sum(b["input_ids"].shape[0] for b in batches),
+             float(stop.requested)],
+            dtype=torch.float64,
+        )
+        D.all_reduce_sum(counts)
+        if counts[4] > 0:
+            stopped = True
+            break
+        n_target, n_real, n_padded, n_seqs = (int(c) // replication for c in counts[:4].tolist())
+        loss_scale = par.dp_size / max(n_target, 1)
+
+        loss_sum = torch.zeros((), device=device)
+        for k, batch in enumerate(batches):
+            micro_loss, _ = par.forward_backward(batch, loss_scale, sync=k == len(batches) - 1)
+            loss_sum += micro_loss
+        grad_norm = par.clip_grad_norm_(cfg.clip_grad_norm)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window.add(n_real, n_padded, n_seqs)
+        log.advance()
+
+        last = step == total_steps
+        if step % cfg.log_every == 0 or last:
+            total_loss = D.all_reduce_sum(loss_sum.detach().double().cpu().reshape(1))
+            elapsed, real, padded, seqs = window.take()
+            record = {
+                "step": step,
+                "epoch": round(sampler.epoch + sampler.next_batch / micro_per_epoch, 4),
+                "loss": float(total_loss) / max(n_target, 1),
+                "lr": lr,
+                "tokens_per_s": real / elapsed,
+                "padded_tokens_per_s": padded / elapsed,
+                "real_token_fraction": real / max(padded, 1),
+                "grad_norm": grad_norm,
+                "elapsed_s": round(time.perf_counter() - t_start, 3),
+            }
+            if peak:
+                per_token = flops_per_token(mcfg, max(1, round(padded / max(seqs, 1))))
+                record["mfu"] = per_token * record["tokens_per_s"] / (peak * dims.world_size)
+            log.log(record)
+        if n_eval and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
+            log.log({"step": step, "eval_loss": evaluate(par, data.eval, cfg, replication, collate_kw)})
+            par.train()
+        if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or last:
+            trainer_state = {"step": step, "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict()}
+            path = ckpt.save(ckpt_dir, step, par, optimizer, trainer_state, cfg.checkpoint.keep)
+            log.message(f"saved checkpoint {path}")
+
+    if stopped:
+        log.message(f"stopped by signal at step {step}; resume continues from the last complete checkpoint")
+        log.close()
+        return EXIT_STOPPED
+    if cfg.checkpoint.export:
+        state = par.full_state_dict_for_export()
+        if env.is_rank0:
+            from train.models.hub import save_state_dict
+
+            path = save_state_dict(state, mcfg, out_dir / "export", tokenizer_file=tokenizer_file)
+            log.message(f"exported {path}")
+    log.close()
+    return 0
+
+
+# ------------------------------------------------------------------------------ building
+def _model_dir(cfg: TrainConfig) -> Path | None:
+    if cfg.model.name_or_path is None:
+        return None
+    from train.models.hub import resolve_checkpoint_dir
+
+    try:
+        return resolve_checkpoint_dir(cfg.model.name_or_path)
+    except FileNotFoundError as e:
+        raise ConfigError(f"train.model.name_or_path: {e}") from None
+
+
+def build_model(cfg: TrainConfig, vocab_size: int, model_dir: Path | None,
+                device: torch.device) -> tuple[BaichuanForCausalLM, BaichuanConfig]:
+    """A new model from `model.init` (same weights on every rank: seeded, built on CPU) or the
+    pretrained one in `model_dir`; fp32 master weights either way."""
+    m = cfg.model
+    position, norm_head = _VARIANT_LAYOUT.get(m.variant, (None, None))
+    position = position if m.position == "auto" else m.position
+    norm_head = norm_head if m.norm_head is None else m.norm_head
+    if m.init is not None:
+        i = m.init
+        mcfg = BaichuanConfig(
+            vocab_size=i.vocab_size or vocab_size, hidden_size=i.hidden_size, intermediate_size=i.intermediate_size,
+            num_hidden_layers=i.num_hidden_layers, num_attention_heads=i.num_attention_heads,
+            position=position or "rope", norm_head=True if norm_head is None else norm_head,
+            z_loss_weight=m.z_loss_weight or 0.0, max_position_embeddings=i.max_position_embeddings,
+            initializer_range=i.initializer_range,
+        )
+        torch.manual_seed(cfg.seed)
+        model = BaichuanForCausalLM(mcfg)  # on CPU, so CPU and GPU runs start from the same weights
+        init_weights(model, mcfg.initializer_range)
+        model.to(device)
+    else:
+        from train.models.hub import load_pretrained
+
+        try:
+            model, mcfg = load_pretrained(model_dir, position=position, norm_head=norm_head, dtype=torch.float32, device=device)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"train.model.name_or_path: {e}") from None
+    if vocab_size > mcfg.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {vocab_size} tokens but the model's vocab_size is {mcfg.vocab_size}; "
+            "use the model's own tokenizer.model (train.tokenizer.path) or a larger model.init.vocab_size"
+        )
+    set_activation_checkpointing(model, m.activation_checkpointing)
+    return model, mcfg
+
+
+def build_optimizer(par: Parallelized, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; no weight decay on norms and biases (1-D parameters)."""
+    o = cfg.optim
+    decay, no_decay = [], []
+    for _, p in par.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [g for g in ({"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+              if g["params"]]
+    impl = o.implementation
+    if impl == "auto":
+        impl = "fused" if device.type == "cuda" else "foreach"
+    kernel = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}[impl]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, **kernel)
+
+
+def lr_factor(step: int, *, warmup: int, total: int, decay: str, min_ratio: float) -> float:
+    """Multiplier of the peak lr for the update after `step` updates: linear warmup to 1 over
+    `warmup` steps, then `decay` down to `min_ratio` at the last step (`total - 1`)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if decay == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if decay == "cosine" else 1 - progress
+    return min_ratio + (1 - min_ratio) * shape
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    s = cfg.schedule
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_factor(step, warmup=s.warmup_steps, total=total_steps, decay=s.decay, min_ratio=s.min_lr_ratio),
+    )
+
+
+# ------------------------------------------------------------------------------ data
+def _collate(dataset, indices: list[int], kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    from train.data import collate
+
+    if not indices:
+        # This rank's share of the last eval batch is empty: a one-token pad batch with no target
+        # keeps it in step with the collectives of the others and adds nothing to the loss.
+        return {"input_ids": torch.zeros(1, 1, dtype=torch.long), "attention_mask": torch.zeros(1, 1, dtype=torch.long),
+                "labels": torch.full((1, 1), -100, dtype=torch.long)}
+    return collate(dataset[indices], **kwargs)
+
+
+@torch.no_grad()
+def evaluate(par: Parallelized, eval_set, cfg: TrainConfig, replication: int, collate_kw: dict) -> float:
+    """Token-weighted mean loss over the whole held-out split. Examples are sorted by length
+    (little padding) and dealt out so that every rank runs the same number of micro-batches."""
+    par.train(False)
+    lengths = eval_set["length"]
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    per_rank = cfg.data.micro_batch_size
+    global_batch = per_rank * par.dp_size
+    loss_sum = torch.zeros((), device=par.device)
+    n_tokens = 0
+    for start in range(0, len(order), global_batch):
+        mine = order[start + par.dp_rank * per_rank : start + (par.dp_rank + 1) * per_rank]
+        micro_loss, n = par.eval_loss(_collate(eval_set, mine, collate_kw))
+        loss_sum += micro_loss
+        n_tokens += n
+    totals = D.all_reduce_sum(torch.tensor([float(loss_sum), float(n_tokens)], dtype=torch.float64))
+    return float(totals[0]) / max(1.0, float(totals[1]) / replication)
+
+
+class _Window:
+    """Tokens and wall time since the last logged step, for throughput."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.real = self.padded = self.seqs = 0
+
+    def add(self, real: int, padded: int, seqs: int) -> None:
+        self.real += real
+        self.padded += padded
+        self.seqs += seqs
+
+    def take(self) -> tuple[float, int, int, int]:
+        now = time.perf_counter()
+        out = (max(now - self.t0, 1e-9), self.real, self.padded, self.seqs)
+        self.t0, self.real, self.padded, self.seqs = now, 0, 0, 0
+        return out

@@ -1,0 +1,271 @@
+"""The seam between the training loop and the parallel strategies.
+
+The loop knows only `ParallelDims` (the degrees, validated once) and a `Parallelized` (the model as
+a strategy runs it). A strategy (ddp.py today; fsdp, hsdp, pipeline next) is a `Parallelized`
+subclass with a `build` classmethod, registered by name in `STRATEGIES`.
+
+Contract every strategy keeps, so the loop stays strategy-agnostic:
+
+* **Batches.** Every rank of one data-parallel replica receives the same micro-batch (a pipeline
+  stage that does not need the labels or the ids just ignores them). The loop counts tokens on
+  every rank and divides the world sum by `world_size // dp_size`.
+* **Gradients are averaged over the `dp_size` replicas** (DDP's all-reduce mean, FSDP's
+  reduce-scatter mean). The loop therefore scales each micro-batch's loss sum by
+  `dp_size / global_target_tokens`, which makes the step's gradient the mean over every real
+  target token of the global batch, however it was split.
+* **State dicts use the published key names** (`model.layers.3.self_attn.W_pack.weight`) whatever
+  the wrapper, through `torch.distributed.checkpoint.state_dict`, so a checkpoint written under one
+  strategy can be read under another and exported in the hub layout.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from launcher.errors import ConfigError
+from train.models.baichuan import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from launcher.config import ParallelConfig, TrainConfig
+
+# strategy name → "module:Class"; imported lazily so an unused strategy costs nothing.
+STRATEGIES: dict[str, str] = {
+    "ddp": "train.parallel.ddp:DDPParallel",
+    "fsdp": "train.parallel.fsdp:FSDPParallel",
+    "hsdp": "train.parallel.fsdp:FSDPParallel",
+    "pipeline": "train.parallel.pipeline:PipelineParallel",
+}
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Parallel degrees of one job, computed and checked in one place.
+
+    `dp` is the number of data-parallel replicas (each sees a different slice of the global
+    batch), `pp` the pipeline stages; `dp * pp == world_size`. For `hsdp`, the data-parallel
+    ranks are a (replicate × shard) grid: parameters are sharded across the `dp_shard_in_node`
+    GPUs of a node and replicated across nodes.
+    """
+
+    world_size: int
+    strategy: str  # ddp | fsdp | hsdp | pipeline (never `auto`: resolved in `from_config`)
+    dp: int
+    pp: int = 1
+    dp_shard_in_node: int = 1  # hsdp: shard degree (= nproc_per_node); 1 otherwise
+
+    @property
+    def dp_replicate(self) -> int:
+        return self.dp // self.dp_shard_in_node
+
+    @classmethod
+    def from_config(cls, pcfg: "ParallelConfig", world_size: int, nproc_per_node: int) -> "ParallelDims":
+        """Validate `train.parallel` against the world size; called before init_process_group
+        (torchrun sets WORLD_SIZE and LOCAL_WORLD_SIZE), so a bad layout fails in one line
+        before any rendezvous."""
+        strategy = pcfg.strategy
+        if strategy == "auto":
+            # The planner's choice needs the model size and GPU memory; until it is wired in
+            # here, `auto` means the strategy that needs no extra degrees.
+            strategy = "pipeline" if pcfg.pp > 1 else "ddp"
+        pp = pcfg.pp
+        if strategy != "pipeline" and pp != 1:
+            raise ConfigError(
+                f"train.parallel.pp is {pp} but train.parallel.strategy is `{strategy}`; "
+                "pipeline stages need `strategy: pipeline` (or set pp: 1)"
+            )
+        if strategy == "pipeline":
+            if pp < 2:
+                raise ConfigError("train.parallel.strategy `pipeline` needs train.parallel.pp >= 2 stages")
+            if world_size % pp:
+                raise ConfigError(
+                    f"train.parallel.pp={pp} does not divide the world size {world_size} "
+                    f"(nnodes x nproc_per_node); pick pp among {_divisors(world_size)}"
+                )
+        shard = 1
+        if strategy == "hsdp":
+            if world_size % nproc_per_node:
+                raise ConfigError(
+                    f"hsdp shards within a node: the world size {world_size} is not a multiple "
+                    f"of nproc_per_node {nproc_per_node}"
+                )
+            shard = nproc_per_node
+        dims = cls(world_size=world_size, strategy=strategy, dp=world_size // pp, pp=pp, dp_shard_in_node=shard)
+        assert dims.dp * dims.pp == world_size and dims.dp % dims.dp_shard_in_node == 0, dims
+        return dims
+
+    def mesh_shape(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """(shape, dim names) of the DeviceMesh. `pp` is the outer dim, so the ranks of one
+        stage are neighbours (same node): the gradient all-reduce stays on fast links and only
+        the small activations cross nodes."""
+        if self.strategy == "pipeline":
+            return (self.pp, self.dp), ("pp", "dp")
+        if self.strategy == "hsdp":
+            return (self.dp_replicate, self.dp_shard_in_node), ("dp_replicate", "dp_shard")
+        return (self.dp,), ("dp",)
+
+
+def target_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real target tokens of a micro-batch, counted as `causal_lm_loss` counts them (labels
+    shifted by one, -100 ignored). The loop counts them before the forward to normalise the loss."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(2, n + 1) if n % d == 0) or "none (world size 1)"
+
+
+class Parallelized(abc.ABC):
+    """The model as one strategy runs it on this rank.
+
+    Attributes a strategy sets in `__init__`:
+      modules   the local model chunks (one for ddp/fsdp; this rank's stages for pipeline),
+                wrapped as the strategy needs; `parameters()` iterates them all.
+      device    this rank's device.
+      dp_rank, dp_size   this rank's data-parallel coordinate (for the sampler).
+      has_loss  whether this rank computes the loss (all ranks in ddp/fsdp, the last stage in a
+                pipeline); ranks without it return a zero loss sum from `forward_backward`.
+      dims      the ParallelDims it was built for.
+    """
+
+    modules: list[nn.Module]
+    device: torch.device
+    dp_rank: int
+    dp_size: int
+    has_loss: bool
+    dims: ParallelDims
+
+    @classmethod
+    @abc.abstractmethod
+    def build(
+        cls,
+        model: nn.Module,
+        *,
+        dims: ParallelDims,
+        mesh: Any,
+        cfg: "TrainConfig",
+        device: torch.device,
+        z_loss_weight: float,
+    ) -> "Parallelized":
+        """Wrap a full, initialised model (on `device`, fp32) for this strategy. `mesh` is the
+        DeviceMesh from `mesh.build_mesh(dims, device)` (None when running alone)."""
+
+    @abc.abstractmethod
+    def forward_backward(self, batch: dict[str, torch.Tensor], loss_scale: float, sync: bool) -> tuple[torch.Tensor, int]:
+        """Forward and backward of one micro-batch (CPU tensors from `collate`).
+
+        Backward runs on `loss_sum * loss_scale`. `sync=False` on all but the last micro-batch
+        of an optimizer step lets the strategy skip gradient communication while accumulating
+        (DDP `no_sync`). Returns (this rank's loss sum as a detached 0-dim tensor on the device,
+        this rank's count of real target tokens). The loss stays a tensor so GPU runs do not
+        pay a host sync per micro-batch; the loop reduces it when it logs.
+        """
+
+    @abc.abstractmethod
+    def eval_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """Forward only, no gradients: (detached loss sum, real target tokens) of a micro-batch.
+        Collective-safe: every rank calls it the same number of times."""
+
+    # ------------------------------------------------------------------ shared implementations
+    def parameters(self) -> Iterator[nn.Parameter]:
+        for m in self.modules:
+            yield from m.parameters()
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Parameters with their published names (wrapper prefixes such as `module.` removed)."""
+        for m in self.modules:
+            for name, p in m.named_parameters():
+                yield name.removeprefix("module.").replace("_orig_mod.", ""), p
+
+    def train(self, mode: bool = True) -> None:
+        for m in self.modules:
+            m.train(mode)
+
+    def clip_grad_norm_(self, max_norm: float | None) -> float:
+        """Clip to `max_norm` (None = measure only) and return the global 2-norm before clipping.
+
+        Correct for replicated gradients (DDP) and for DTensor shards (FSDP2: the norm is
+        reduced over the mesh). A pipeline must override it: each stage holds other
+        parameters, so the squared norms are summed across stages."""
+        params = [p for p in self.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
+        if hasattr(norm, "full_tensor"):  # DTensor (FSDP2)
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def _single_module(self) -> nn.Module:
+        assert len(self.modules) == 1, "strategies with several chunks override the state-dict methods"
+        return self.modules[0]
+
+    def model_state_dict(self) -> dict[str, Any]:
+        """This rank's view of the model state (sharded tensors stay sharded) for DCP."""
+        return get_model_state_dict(self._single_module())
+
+    def load_model_state_dict(self, state: dict[str, Any]) -> None:
+        set_model_state_dict(self._single_module(), state)
+
+    def optim_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Optimizer state keyed by parameter names (not positions), for DCP. On a fresh
+        optimizer torch allocates the moments first, so DCP has tensors to load into."""
+        return get_optimizer_state_dict(self._single_module(), optimizer)
+
+    def load_optim_state_dict(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        set_optimizer_state_dict(self._single_module(), optimizer, state)
+
+    def full_state_dict_for_export(self) -> dict[str, torch.Tensor] | None:
+        """Full, unsharded CPU tensors with published names on rank 0; None on the others.
+        Collective: every rank calls it."""
+        from train.distributed import is_rank0
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self._single_module(), options=options)
+        return state if is_rank0() else None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast on GPU unless `parallel.mixed_precision: fp32`; fp32 on CPU (CPU bf16
+        matmuls are slow and the tests compare fp32 runs bit for bit)."""
+        if self.device.type == "cuda" and self.mixed_precision != "fp32":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # `train.parallel.mixed_precision`, set by `parallelize` after `build`.
+    mixed_precision: str = "auto"
+
+
+def parallelize(
+    model: nn.Module,
+    *,
+    dims: ParallelDims,
+    mesh: Any,
+    cfg: "TrainConfig",
+    device: torch.device,
+    z_loss_weight: float,
+) -> Parallelized:
+    """Apply the strategy named by `dims.strategy` to a full model."""
+    target = STRATEGIES[dims.strategy]
+    module_name, cls_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name:
+            raise
+        raise ConfigError(
+            f"train.parallel.strategy `{dims.strategy}` is not available in this version; use `ddp`"
+        ) from None
+    cls: type[Parallelized] = getattr(module, cls_name)
+    par = cls.build(model, dims=dims, mesh=mesh, cfg=cfg, device=device, z_loss_weight=z_loss_weight)
+    par.mixed_precision = cfg.parallel.mixed_precision
+    return par

@@ -1,0 +1,86 @@
+"""Data parallel: a full replica per rank, gradients averaged by DistributedDataParallel."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from train.models.baichuan import causal_lm_loss
+from train.parallel.base import ParallelDims, Parallelized, target_tokens
+from train.parallel.mesh import dp_group
+
+if TYPE_CHECKING:
+    from launcher.config import TrainConfig
+
+
+def apply_ddp(model: nn.Module, *, group, device: torch.device) -> nn.Module:
+    """Wrap `model` in DDP over `group` (None = the default group)."""
+    return DDP(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        process_group=group,
+        # No buffers in the model (RoPE/ALiBi are computed per forward): nothing to broadcast.
+        broadcast_buffers=False,
+        # Gradients alias the all-reduce buckets: one copy of the gradients instead of two.
+        gradient_as_bucket_view=True,
+    )
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+class DDPParallel(Parallelized):
+    """One replica per rank. With world size 1 the model is not wrapped at all (DDP would only
+    add hooks and a bucket copy)."""
+
+    def __init__(self, model: nn.Module, wrapped: nn.Module, *, dims: ParallelDims, device: torch.device,
+                 dp_rank: int, z_loss_weight: float) -> None:
+        self.model = model  # the bare module: eval forward and state dicts
+        self.wrapped = wrapped  # what training calls (DDP, or the bare model alone)
+        self.modules = [wrapped]
+        self.dims = dims
+        self.device = device
+        self.dp_rank = dp_rank
+        self.dp_size = dims.dp
+        self.has_loss = True
+        self.z_loss_weight = z_loss_weight
+
+    @classmethod
+    def build(cls, model: nn.Module, *, dims: ParallelDims, mesh: Any, cfg: "TrainConfig",
+              device: torch.device, z_loss_weight: float) -> "DDPParallel":
+        assert dims.strategy == "ddp" and dims.pp == 1, dims
+        if dims.world_size == 1:
+            return cls(model, model, dims=dims, device=device, dp_rank=0, z_loss_weight=z_loss_weight)
+        group = dp_group(mesh)
+        wrapped = apply_ddp(model, group=group, device=device)
+        return cls(model, wrapped, dims=dims, device=device, dp_rank=mesh.get_local_rank("dp"),
+                   z_loss_weight=z_loss_weight)
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], loss_scale: float, sync: bool) -> tuple[torch.Tensor, int]:
+        n_tokens = target_tokens(batch)
+        batch = to_device(batch, self.device)
+        no_sync = self.wrapped.no_sync() if (not sync and isinstance(self.wrapped, DDP)) else contextlib.nullcontext()
+        with no_sync:
+            with self.autocast():
+                logits = self.wrapped(batch["input_ids"], batch["attention_mask"])
+                loss_sum, _ = causal_lm_loss(logits, batch["labels"], self.z_loss_weight)
+            (loss_sum * loss_scale).backward()
+        return loss_sum.detach(), n_tokens
+
+    @torch.no_grad()
+    def eval_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        n_tokens = target_tokens(batch)
+        batch = to_device(batch, self.device)
+        with self.autocast():
+            logits = self.model(batch["input_ids"], batch["attention_mask"])
+            loss_sum, _ = causal_lm_loss(logits, batch["labels"], self.z_loss_weight)
+        return loss_sum.detach(), n_tokens
+
+    # State dicts from the bare module: same published names with or without the DDP wrapper.
+    def _single_module(self) -> nn.Module:
+        return self.model
