@@ -1,0 +1,467 @@
+"""launcher/ssh.py against real OpenSSH sshd nodes on loopback (tests/sshd.py); no mocks.
+
+The "remote" nodes run on this machine, so a test can check remote files and processes
+directly (psutil, the filesystem) as well as through the connection.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from launcher import ssh
+from launcher.errors import ConfigError, MlaunchError
+
+# Values that break naive quoting: each must arrive byte for byte.
+NASTY = [
+    "$(echo pwned)",
+    "`echo pwned`",
+    "it's",
+    'say "hi"',
+    "two  spaces ",
+    "line1\nline2",
+    "$HOME ${PATH} \\ ; | & > < * ? ~ #",
+    "",
+    "-n",
+    "ünïcødé",
+]
+
+ECHO_BACK = (
+    "import json, os, sys; "
+    "print(json.dumps({'argv': sys.argv[1:], 'env': dict(os.environ), 'cwd': os.getcwd()}))"
+)
+
+
+def _run_id() -> str:
+    return "test-" + uuid.uuid4().hex[:12]
+
+
+def _wait_until(pred, timeout: float, step: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return pred()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure: command lines and config resolution (no sshd)
+
+
+def test_shell_command_survives_sh(tmp_path):
+    env = {f"V{i}": v for i, v in enumerate(NASTY)}
+    cwd = tmp_path / "dir with 'quote' and $(x)"
+    cwd.mkdir()
+    line = ssh.shell_command([sys.executable, "-c", ECHO_BACK, *NASTY], env, cwd=str(cwd))
+    assert "\n" not in line.replace("line1\nline2", "")  # only inside quotes
+    out = subprocess.run(["sh", "-c", line], capture_output=True, text=True, check=True).stdout
+    got = json.loads(out)
+    assert got["argv"] == NASTY
+    assert {k: got["env"][k] for k in env} == env
+    assert got["cwd"] == str(cwd)
+
+
+def test_shell_command_rejects_bad_env_name():
+    with pytest.raises(ConfigError, match="not valid"):
+        ssh.shell_command(["true"], {"A-B": "1"})
+
+
+def test_resolve_applies_ssh_config_and_explicit_values_win(tmp_path):
+    cfg = tmp_path / "config"
+    cfg.write_text(
+        "Host trainer\n"
+        "  HostName 10.1.2.3\n"
+        "  Port 2200\n"
+        "  User alice\n"
+        "  IdentityFile ~/keys/trainer\n"
+        "  ProxyJump bob@bastion:2022\n"
+    )
+    t = ssh.resolve(ssh.SSHTarget("trainer", ssh_config=str(cfg), known_hosts="/kh"))
+    assert (t.host, t.port, t.user) == ("10.1.2.3", 2200, "alice")
+    assert t.identity_files == (os.path.expanduser("~/keys/trainer"),)
+    assert t.proxy_jump == "bob@bastion:2022"
+    assert t.label == "trainer"
+    t = ssh.resolve(
+        ssh.SSHTarget("trainer", port=22, user="root", identity_file="/k", ssh_config=str(cfg))
+    )
+    assert (t.port, t.user, t.identity_files) == (22, "root", ("/k",))
+    assert t.known_hosts == os.path.expanduser("~/.ssh/known_hosts")
+
+
+def test_silent_port_times_out_with_one_line(tmp_path):
+    # Accepts TCP (the kernel completes the handshake) but never speaks SSH: a hung node.
+    empty = tmp_path / "ssh_config"
+    empty.write_text("")
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(4)
+        port = srv.getsockname()[1]
+        t0 = time.monotonic()
+        with pytest.raises(MlaunchError) as info:
+            ssh.connect(ssh.SSHTarget("127.0.0.1", port=port, connect_timeout=0.5,
+                                      ssh_config=str(empty), known_hosts=str(tmp_path / "kh")))
+        assert time.monotonic() - t0 < 5
+    assert str(info.value) == (
+        f"node 127.0.0.1:{port}: 127.0.0.1:{port} accepted the connection but completed no SSH "
+        f"handshake within 0.5s; is an SSH server listening there, and is it not overloaded "
+        f"(MaxStartups)?"
+    )
+
+
+def test_bad_policy_is_a_config_error():
+    with pytest.raises(ConfigError, match="host_key_policy"):
+        ssh.SSHTarget("h", host_key_policy="yes")
+
+
+# ---------------------------------------------------------------------------------------------
+# Against real sshd
+
+
+@pytest.mark.ssh
+def test_connect_all_in_parallel(ssh_nodes):
+    results = ssh.connect_all({n.name: n.target() for n in ssh_nodes})
+    try:
+        conns = ssh.check_connected(results)
+        assert list(conns) == [n.name for n in ssh_nodes]
+        for node in ssh_nodes:
+            res = conns[node.name].run("echo $SSH_CONNECTION", timeout=10)
+            assert res.ok, res.stderr
+            assert res.stdout.split()[2:] == [node.host, str(node.port)]
+    finally:
+        ssh.close_all(results)
+
+
+@pytest.mark.ssh
+def test_unknown_host_key_is_refused_and_nothing_written(ssh_cluster, tmp_path):
+    (node,) = ssh_cluster(1)
+    kh = tmp_path / "known_hosts"
+    kh.write_text("# mine\n")
+    with pytest.raises(MlaunchError) as info:
+        ssh.connect(node.target(known_hosts=str(kh)))
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"node {node.name}: host key not in {kh}")
+    assert f"ssh-keyscan -p {node.port} {node.host} >> {kh}" in msg
+    assert "host_key_policy: accept-new" in msg
+    assert kh.read_text() == "# mine\n"
+
+
+@pytest.mark.ssh
+def test_accept_new_records_key_then_reconnects(ssh_cluster, tmp_path):
+    (node,) = ssh_cluster(1)
+    kh = tmp_path / "fresh" / "known_hosts"  # neither file nor directory exists yet
+    with ssh.connect(node.target(known_hosts=str(kh), host_key_policy="accept-new")) as c:
+        assert c.run("true", timeout=10).ok
+    assert kh.read_text() == node.known_hosts_line + "\n"
+    with ssh.connect(node.target(known_hosts=str(kh))) as c:  # "reject" now finds the key
+        assert c.run("true", timeout=10).ok
+    assert kh.read_text() == node.known_hosts_line + "\n"
+
+
+@pytest.mark.ssh
+def test_changed_host_key_is_refused_even_with_accept_new(ssh_cluster, tmp_path):
+    node = ssh_cluster.spawn()
+    kh = tmp_path / "known_hosts"
+    old_line = node.known_hosts_line + "\n"
+    kh.write_text(old_line)
+    node.regenerate_host_key()
+    with pytest.raises(MlaunchError) as info:
+        ssh.connect(node.target(known_hosts=str(kh), host_key_policy="accept-new"))
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert "CHANGED" in msg
+    assert f"ssh-keygen -f {kh} -R '[{node.host}]:{node.port}'" in msg
+    assert kh.read_text() == old_line  # still only the old key
+    node.stop()
+
+
+@pytest.mark.ssh
+def test_connect_all_reports_each_failed_node(ssh_cluster):
+    a, b = ssh_cluster(2)
+    down = ssh_cluster.spawn()
+    down.stop()
+    bad_key = b.target(name="badkey", identity_file=str(Path(a.dir.parent) / "known_hosts"))
+    results = ssh.connect_all([a.target(), b.target(), down.target(), bad_key])
+    try:
+        assert isinstance(results[a.name], ssh.Connection)
+        assert isinstance(results[b.name], ssh.Connection)
+        err = results[down.name]
+        assert isinstance(err, MlaunchError)
+        assert str(err).startswith(
+            f"node {down.name}: connection refused on {down.host}:{down.port}"
+        )
+        assert "is not a private key" in str(results["badkey"])
+        with pytest.raises(MlaunchError) as info:
+            ssh.check_connected(results)
+        lines = str(info.value).splitlines()
+        assert lines[0] == "cannot connect to 2 of 4 nodes:"
+        assert len(lines) == 3
+        assert not results[a.name].is_active  # check_connected closed the good ones
+    finally:
+        ssh.close_all(results)
+
+
+@pytest.mark.ssh
+def test_auth_failure_names_node_and_fix(ssh_cluster, tmp_path):
+    (node,) = ssh_cluster(1)
+    key = tmp_path / "stranger"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    with pytest.raises(MlaunchError) as info:
+        ssh.connect(node.target(identity_file=str(key)))
+    msg = str(info.value)
+    assert msg.startswith(f"node {node.name}: authentication failed for user {node.user}")
+    assert f"ssh-copy-id -i {key}.pub -p {node.port} {node.user}@{node.host}" in msg
+    with pytest.raises(ConfigError, match="does not exist"):
+        ssh.connect(node.target(identity_file=str(tmp_path / "missing")))
+
+
+@pytest.mark.ssh
+def test_run_drains_large_stdout_and_stderr(ssh_cluster):
+    (node,) = ssh_cluster(1)
+    # Interleaved, 6 MiB each: well past the 2 MiB channel window on both streams.
+    prog = (
+        "import sys\n"
+        "for i in range(96):\n"
+        "    sys.stdout.write('o' * 65535 + '\\n'); sys.stderr.write('e' * 65535 + '\\n')\n"
+        "sys.exit(3)\n"
+    )
+    with ssh.connect(node.target()) as c:
+        t0 = time.monotonic()
+        res = c.run(ssh.shell_command(["python3", "-c", prog], {}), timeout=30)
+        assert time.monotonic() - t0 < 20
+        assert res.exit_code == 3
+        assert len(res.stdout) == len(res.stderr) == 96 * 65536
+        with pytest.raises(ssh.RemoteTimeout, match="did not finish within 0.5s"):
+            c.run("sleep 5", timeout=0.5)
+        with pytest.raises(MlaunchError, match="exited with 7: boom"):
+            c.run("echo boom >&2; exit 7", timeout=10, check=True)
+
+
+@pytest.mark.ssh
+def test_env_and_args_arrive_verbatim(ssh_cluster):
+    (node,) = ssh_cluster(1)
+    env = {f"V{i}": v for i, v in enumerate(NASTY)}
+    cwd = Path(node.workdir) / "a dir $(x) `y`"
+    cwd.mkdir(exist_ok=True)
+    line = ssh.shell_command(["python3", "-c", ECHO_BACK, *NASTY], env, cwd=str(cwd))
+    with ssh.connect(node.target()) as c:
+        res = c.run(line, timeout=10)
+    assert res.ok, res.stderr
+    got = json.loads(res.stdout)
+    assert got["argv"] == NASTY
+    assert {k: got["env"][k] for k in env} == env
+    assert got["cwd"] == str(cwd)
+    assert res.stderr == ""  # nothing was executed by accident
+
+
+@pytest.mark.ssh
+def test_put_tree_sends_only_changes_and_honours_excludes(ssh_cluster, tmp_path):
+    (node,) = ssh_cluster(1)
+    src = tmp_path / "proj"
+    files = {
+        "train.py": "print('hi')\n",
+        "pkg/__init__.py": "",
+        "pkg/deep/model.py": "x = 1\n" * 1000,
+        "run.sh": "#!/bin/sh\necho run\n",
+    }
+    skipped = {
+        ".git/config": "[core]\n",
+        ".venv/bin/python": "",
+        "venv/lib/x.py": "",
+        "myenv/pyvenv.cfg": "home = /usr\n",
+        "myenv/lib/site.py": "",
+        "pkg/__pycache__/model.cpython-311.pyc": "",
+        "runs/2024/metrics.jsonl": "{}\n",
+        "notes.log": "x\n",
+    }
+    for rel, text in {**files, **skipped}.items():
+        p = src / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    os.chmod(src / "run.sh", 0o755)
+    remote = Path(node.workdir) / "sync dest"
+    seen: list[tuple[str, int]] = []
+    with ssh.connect(node.target()) as c:
+        st = c.put_tree(src, str(remote), exclude_globs=["runs", "*.log"],
+                        progress_cb=lambda rel, n: seen.append((rel, n)))
+        assert sorted(st.sent) == sorted(files)
+        assert sorted(r for r, _ in seen) == sorted(files)
+        assert st.files_sent == 4 and st.files_unchanged == 0
+        assert str(st).startswith("4 files sent")
+        for rel, text in files.items():
+            assert (remote / rel).read_text() == text
+            assert int((remote / rel).stat().st_mtime) == int((src / rel).stat().st_mtime)
+        assert os.access(remote / "run.sh", os.X_OK)
+        for rel in skipped:
+            assert not (remote / rel).exists(), rel
+        assert not (remote / ".git").exists() and not (remote / "myenv").exists()
+
+        st = c.put_tree(src, str(remote), exclude_globs=["runs", "*.log"])
+        assert (st.files_sent, st.files_unchanged) == (0, 4)
+
+        (src / "pkg/deep/model.py").write_text("x = 2\n" * 1000)  # same size: mtime tells
+        past = time.time() - 100
+        os.utime(src / "pkg/deep/model.py", (past, past))
+        (src / "pkg/new.py").write_text("new\n")
+        st = c.put_tree(src, str(remote), exclude_globs=["runs", "*.log"])
+        assert sorted(st.sent) == ["pkg/deep/model.py", "pkg/new.py"]
+        assert (remote / "pkg/deep/model.py").read_text() == "x = 2\n" * 1000
+
+
+@pytest.mark.ssh
+def test_closing_pty_channel_ends_remote_job(ssh_cluster):
+    (node,) = ssh_cluster(1)
+    run_id = _run_id()
+    loop = ["sh", "-c", "while :; do echo tick; sleep 0.1; done"]
+    with ssh.connect(node.target()) as c:
+        job = c.start(ssh.job_command(loop, {"X": "1"}, run_id))
+        pid = job.wait_pid(10)
+        assert next(iter(job)) == "tick"  # no trailing \r from the pty
+        assert pid in ssh.list_run_processes(c, run_id)
+        assert job.poll() is None
+        job.close()
+        assert _wait_until(lambda: not ssh.list_run_processes(c, run_id), 5), "job survived hangup"
+    assert not _alive(pid)
+
+
+@pytest.mark.ssh
+def test_start_streams_lines_pid_and_exit_code(ssh_cluster):
+    (node,) = ssh_cluster(1)
+    argv = ["sh", "-c", "echo one; echo 'two  words'; echo $$; printf 'no newline'; exit 5"]
+    with ssh.connect(node.target()) as c:
+        job = c.start(ssh.job_command(argv, {}, _run_id(), cwd=node.workdir))
+        lines = list(job)
+        assert job.exit_status(timeout=10) == 5
+        assert job.poll() == 5
+    # `sh -c` was exec'd by the wrapper shell, so $$ inside it is the recorded pid.
+    assert lines == ["one", "two  words", str(job.pid), "no newline"]
+
+
+@pytest.mark.ssh
+def test_kill_run_ends_exactly_the_runs_processes(ssh_cluster):
+    (node,) = ssh_cluster(1)
+    run_id, other_id = _run_id(), _run_id()
+    # A stand-in for torchrun: workers in their own sessions (out of its process group); on
+    # SIGTERM it stops one worker and exits, leaving a second one that ignores SIGTERM.
+    fake_torchrun = (
+        "import signal, subprocess, sys, time\n"
+        "w1 = subprocess.Popen(['sleep', '300'], start_new_session=True)\n"
+        "w2 = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN); print(flush=True); time.sleep(300)'],"
+        " start_new_session=True, stdout=subprocess.PIPE)\n"
+        "w2.stdout.readline()\n"
+        "def stop(*_):\n"
+        "    w1.terminate(); w1.wait(); sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "print('ready', w1.pid, w2.pid, flush=True)\n"
+        "time.sleep(300)\n"
+    )
+    with ssh.connect(node.target()) as c:
+        # Bystanders on the same node: no run id at all, and another run's id.
+        bystander = "setsid sleep 301 </dev/null >/dev/null 2>&1 & echo $!"
+        plain = int(c.run(bystander, timeout=10).stdout)
+        other = int(
+            c.run(
+                ssh.shell_command(
+                    ["sh", "-c", "setsid python3 -c 'import time; time.sleep(302)' "
+                     "</dev/null >/dev/null 2>&1 & echo $!"],
+                    {ssh.RUN_ID_VAR: other_id},
+                ),
+                timeout=10,
+            ).stdout
+        )
+        try:
+            job = c.start(ssh.job_command(["python3", "-c", fake_torchrun], {}, run_id))
+            torchrun = job.wait_pid(10)
+            ready = next(line for line in job if line.startswith("ready"))
+            w1, w2 = (int(x) for x in ready.split()[1:])
+            assert sorted(ssh.list_run_processes(c, run_id)) == sorted([torchrun, w1, w2])
+
+            report = ssh.kill_run(c, run_id, [torchrun], grace_s=1.0)
+            assert report.remaining == []
+            assert set(report.killed) == {torchrun, w1, w2}
+            assert report.sigkill == [w2]  # only the one that ignored SIGTERM
+            assert ssh.list_run_processes(c, run_id) == []
+            for pid in (torchrun, w1, w2):
+                assert not _alive(pid)
+            assert _alive(plain) and _alive(other)
+            assert ssh.list_run_processes(c, other_id) == [other]
+            job.close()
+        finally:
+            ssh.kill_run(c, other_id, [], grace_s=1.0)
+            c.run(f"kill {plain}", timeout=10)
+    assert not _alive(other)
+
+
+@pytest.mark.ssh
+def test_ssh_config_alias(ssh_cluster, tmp_path):
+    (node,) = ssh_cluster(1)
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text(
+        f"Host gpu-a\n"
+        f"  HostName {node.host}\n"
+        f"  Port {node.port}\n"
+        f"  User {node.user}\n"
+        f"  IdentityFile {node.identity_file}\n"
+    )
+    target = ssh.SSHTarget("gpu-a", ssh_config=str(cfg), known_hosts=node.known_hosts)
+    with ssh.connect(target) as c:
+        assert c.label == "gpu-a"
+        assert c.run("echo $SSH_CONNECTION", timeout=10).stdout.split()[2:] == [
+            node.host,
+            str(node.port),
+        ]
+
+
+@pytest.mark.ssh
+def test_proxy_jump_goes_through_the_jump_node(ssh_cluster, tmp_path):
+    jump, dest = ssh_cluster(2)
+
+    def check(conn):
+        client_port = int(conn.run("echo $SSH_CONNECTION", timeout=10).stdout.split()[1])
+        # The TCP connection into dest was opened by the jump node's sshd, not by us.
+        opened_by_jump = {
+            conn_.laddr.port
+            for p in jump.sshd_children()
+            for conn_ in p.net_connections(kind="tcp")
+            if conn_.raddr and conn_.raddr.port == dest.port
+        }
+        assert client_port in opened_by_jump
+
+    explicit = dest.target(proxy_jump=f"{jump.user}@{jump.host}:{jump.port}")
+    with ssh.connect(explicit) as c:
+        check(c)
+
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text(
+        f"Host bastion\n  HostName {jump.host}\n  Port {jump.port}\n"
+        f"Host inner\n  HostName {dest.host}\n  Port {dest.port}\n  ProxyJump bastion\n"
+        f"Host *\n  IdentityFile {dest.identity_file}\n"
+    )
+    inner = ssh.SSHTarget("inner", ssh_config=str(cfg), known_hosts=dest.known_hosts)
+    with ssh.connect(inner) as c:
+        check(c)
+
+    down = ssh_cluster.spawn()
+    down.stop()
+    with pytest.raises(MlaunchError) as info:
+        ssh.connect(dest.target(proxy_jump=f"{down.host}:{down.port}"))
+    assert f"node {dest.name} (via ProxyJump" in str(info.value)
+    assert "connection refused" in str(info.value)
