@@ -24,6 +24,7 @@ from typing import Any
 
 from launcher.config import JobConfig, to_yaml
 from launcher.errors import MlaunchError
+from launcher.shell import quote_path
 from launcher.plan import NodePlan, Plan
 from launcher.run import _Stop, _say, build_plan, write_resolved_config
 
@@ -114,7 +115,7 @@ except OSError as e:
 
 def check_port_free(conn: Any, python: str, addr: str, port: int) -> str | None:
     """None when `addr:port` can be bound on the node, else the reason."""
-    res = conn.run(" ".join(shlex.quote(a) for a in [python, "-c", _PORT_CHECK, addr, str(port)]), timeout=30)
+    res = conn.run(" ".join([quote_path(python), *(shlex.quote(a) for a in ["-c", _PORT_CHECK, addr, str(port)])]), timeout=30)
     return None if res.exit_code == 0 else (res.stdout.strip() or res.stderr.strip() or f"exit {res.exit_code}")
 
 
@@ -193,8 +194,8 @@ def _put_text(conn: Any, workdir: str, relpath: str, text: str) -> None:
     """Write a file under the node's workdir atomically (tmp + rename): a rank never reads half a config."""
     dest = relpath if relpath.startswith("/") else f"{workdir.rstrip('/')}/{relpath}"
     parent = dest.rsplit("/", 1)[0]
-    quoted = _q(dest)
-    cmd = (f"mkdir -p {_q(parent)} && cat > {quoted}.tmp$$ && mv -f {quoted}.tmp$$ {quoted}")
+    quoted = quote_path(dest)
+    cmd = (f"mkdir -p {quote_path(parent)} && cat > {quoted}.tmp$$ && mv -f {quoted}.tmp$$ {quoted}")
     chan = conn.transport.open_session(timeout=30)
     try:
         chan.exec_command(cmd)
@@ -207,10 +208,6 @@ def _put_text(conn: Any, workdir: str, relpath: str, text: str) -> None:
         raise MlaunchError(f"node {conn.label}: cannot write {dest} (exit {code}); check that cluster.workdir is writable")
 
 
-def _q(path: str) -> str:
-    if path.startswith("~/"):
-        return "~/" + shlex.quote(path[2:])
-    return shlex.quote(path)
 
 
 def _execute(cfg: JobConfig, the_plan: Plan, jobs: dict[str, NodeJob]) -> int:

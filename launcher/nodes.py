@@ -17,6 +17,7 @@ from typing import Any
 
 from launcher.config import ClusterConfig, load_cluster, load_config, validate
 from launcher.errors import ConfigError, MlaunchError
+from launcher.shell import job_command, quote_path
 
 #: One round trip gathers everything the node's python can tell (torch import ≈ 1.5 s).
 _PROBE = r"""
@@ -99,8 +100,7 @@ class NodeReport:
 
 
 def _cmd(python: str, code: str, *args: str) -> str:
-    exe = "~/" + shlex.quote(python[2:]) if python.startswith("~/") else shlex.quote(python)
-    return " ".join([exe, "-c", shlex.quote(code), *(shlex.quote(a) for a in args)])
+    return " ".join([quote_path(python), "-c", shlex.quote(code), *(shlex.quote(a) for a in args)])
 
 
 def _cluster_from(path: Path, overrides: list[str]) -> tuple[ClusterConfig, Any]:
@@ -291,9 +291,7 @@ def _collective(job: Any, names: list[str], conns: dict, reports: dict[str, Node
         cluster_run._put_text(conn, "/", script, _ALLREDUCE)
         argv = node.argv[: node.argv.index("-m", 3)] + [script]
         argv[argv.index("--rdzv-conf") + 1] = argv[argv.index("--rdzv-conf") + 1].replace("join_timeout=600", "join_timeout=60")
-        from launcher.plan import shell_line
-
-        procs[node.name] = conn.start(shell_line(argv, node.env, cwd="/tmp"), pty=True)
+        procs[node.name] = conn.start(job_command(argv, node.env, the_plan.run_id, cwd="/tmp"), pty=True)
     for name, proc in procs.items():
         try:
             code = proc.exit_status(timeout=120)

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import fnmatch
 import re
-import shlex
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 from launcher.config import JobConfig
 from launcher.errors import ConfigError
+from launcher.shell import RUN_ID_VAR, job_command
 
 TORCHRUN = ["-m", "torch.distributed.run"]
-RUN_ID_ENV = "MLAUNCH_RUN_ID"
-PID_MARKER = "MLAUNCH_PID="
+RUN_ID_ENV = RUN_ID_VAR
 _SECRET = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 
 
@@ -52,7 +51,7 @@ class NodePlan:
         `$$` survives `exec`: the first output line is torchrun's own pid, which (sshd making the
         pty's shell a session leader) is also its process group and session id, recorded per run."""
         env = masked_env(self.env) if mask else self.env
-        return f"printf '{PID_MARKER}%s\\n' \"$$\"; " + shell_line(self.argv, env, cwd=self.workdir, setup=self.setup)
+        return job_command(self.argv, env, env[RUN_ID_ENV], cwd=self.workdir, prelude=self.setup)
 
 
 @dataclass(frozen=True)
@@ -94,31 +93,6 @@ def is_secret(name: str) -> bool:
 
 def masked_env(env: Mapping[str, str]) -> dict[str, str]:
     return {k: ("****" if is_secret(k) and v else v) for k, v in env.items()}
-
-
-def shell_line(argv: list[str], env: Mapping[str, str], cwd: str | None = None, setup: str | None = None) -> str:
-    """One `sh -c`-safe line. The environment goes into the command itself because sshd drops
-    `exec_command(environment=...)` without AcceptEnv; every value is quoted, never evaluated.
-    `exec` makes the job the shell's own pid, so an SSH hangup reaches torchrun directly."""
-    parts = []
-    if cwd:
-        # `~` must expand, so only the rest of the path is quoted.
-        parts.append(f"cd {_quote_path(cwd)}")
-    if setup:
-        parts.append(setup)
-    assigns = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
-    # argv[0] may be `~/venv/bin/python`: the tilde must reach the shell unquoted to expand.
-    words = [_quote_path(argv[0])] + [shlex.quote(a) for a in argv[1:]]
-    parts.append(" ".join(["exec", "env", *(a for a in [assigns] if a), *words]))
-    return " && ".join(parts)
-
-
-def _quote_path(path: str) -> str:
-    if path == "~":
-        return "~"
-    if path.startswith("~/"):
-        return "~/" + shlex.quote(path[2:])
-    return shlex.quote(path)
 
 
 def passthrough_env(patterns: list[str], local_env: Mapping[str, str]) -> dict[str, str]:

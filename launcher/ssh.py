@@ -51,6 +51,8 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 import paramiko
 
 from launcher.errors import ConfigError, MlaunchError
+# Shell lines are pure and shared with the plan; re-exported here for callers of this module.
+from launcher.shell import PID_MARKER, RUN_ID_VAR, job_command, quote_path as _quote_dir, shell_command  # noqa: F401
 
 # paramiko logs failures (e.g. "Secsh channel 0 open FAILED") that we turn into one-line
 # MlaunchErrors; without a handler of its own, Python's last-resort handler would print them to
@@ -59,11 +61,6 @@ logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 HOST_KEY_POLICIES = ("reject", "accept-new")
 
-#: Name of the variable that marks every process of one run (torchrun's workers inherit it).
-RUN_ID_VAR = "MLAUNCH_RUN_ID"
-
-#: First line a job prints (see `job_command`): the pid of the shell that then execs the job.
-PID_MARKER = "MLAUNCH_PID="
 
 #: Never pushed to the nodes: VCS data, virtualenvs (also any directory holding pyvenv.cfg, checked
 #: separately), bytecode and tool caches. Callers add the run output directories.
@@ -1005,77 +1002,6 @@ class RemoteProcess:
 # Shell lines
 
 
-def _check_env_names(env: Mapping[str, str]) -> None:
-    for k in env:
-        if not _ENV_NAME.match(k):
-            raise ConfigError(
-                f"environment variable name {k!r} is not valid (letters, digits and _, not "
-                f"starting with a digit); fix cluster.env"
-            )
-
-
-def _quote_dir(path: str) -> str:
-    # Keep a leading ~/ unquoted so the remote shell expands it; quote the rest.
-    path = str(path)
-    if path == "~":
-        return "~"
-    if path.startswith("~/"):
-        return "~/" + shlex.quote(path[2:])
-    return shlex.quote(path)
-
-
-def shell_command(
-    argv: Sequence[str],
-    env: Mapping[str, str] | None = None,
-    cwd: str | None = None,
-    prelude: str | None = None,
-    exec_: bool = True,
-) -> str:
-    """One `sh -c`-safe line: `cd <cwd> && <prelude> && exec env K=V ... argv...`.
-
-    Every argument and env value is quoted with shlex.quote, so `$(...)`, backticks, quotes,
-    spaces and newlines arrive verbatim. The environment goes into the command itself because
-    sshd drops paramiko's `environment=` unless the server has `AcceptEnv`. `prelude` is shell
-    code run first (e.g. `. .venv/bin/activate`) and is NOT quoted. With `exec_` the shell is
-    replaced by the program, so the program gets the pty's hangup and keeps the shell's pid.
-    """
-    assert argv, "argv must not be empty"
-    env = dict(env or {})
-    _check_env_names(env)
-    steps = []
-    if cwd:
-        steps.append("cd " + _quote_dir(cwd))
-    if prelude and prelude.strip():
-        steps.append(prelude.strip())
-    words = ["exec"] if exec_ else []
-    if env:
-        words.append("env")
-        words += [f"{k}={shlex.quote(str(v))}" for k, v in env.items()]
-    words += [shlex.quote(str(a)) for a in argv]
-    steps.append(" ".join(words))
-    return " && ".join(steps)
-
-
-def job_command(
-    argv: Sequence[str],
-    env: Mapping[str, str] | None,
-    run_id: str,
-    cwd: str | None = None,
-    prelude: str | None = None,
-) -> str:
-    """The line that starts one node's job (torchrun) for `Connection.start(..., pty=True)`.
-
-    It prints `MLAUNCH_PID=$$` first — `$$` survives `exec`, so it is the job's own pid, which
-    is also its process group and session (sshd makes the pty's shell a session leader) — and
-    puts `MLAUNCH_RUN_ID=<run_id>` into the job's environment, which torchrun's workers inherit,
-    so `kill_run` can find every process of the run later.
-    """
-    _check_run_id(run_id)
-    full_env = {**(env or {}), RUN_ID_VAR: run_id}
-    marker = f"printf '{PID_MARKER}%s\\n' \"$$\""
-    return f"{marker}; " + shell_command(argv, full_env, cwd=cwd, prelude=prelude, exec_=True)
-
-
 # --------------------------------------------------------------------------------------------
 # Run bookkeeping on a node: exactly the processes that carry this run's id
 
@@ -1161,7 +1087,8 @@ class KillReport:
 
 
 def _run_snippet(conn: Connection, args: list[str], timeout: float, python: str) -> dict:
-    cmd = " ".join(shlex.quote(a) for a in [python, "-c", _PROC_SNIPPET, *args])
+    # `_quote_dir` keeps a leading ~/ unquoted: cluster.python is often ~/venv/bin/python.
+    cmd = " ".join([_quote_dir(python), *(shlex.quote(a) for a in ["-c", _PROC_SNIPPET, *args])])
     res = conn.run(cmd, timeout=timeout)
     if not res.ok:
         tail = _one_line(res.stderr.strip().splitlines()[-1]) if res.stderr.strip() else ""

@@ -13,7 +13,8 @@ import pytest
 
 from launcher.config import load_config, validate
 from launcher.errors import ConfigError
-from launcher.plan import make_plan, masked_env, shell_line
+from launcher.plan import make_plan, masked_env
+from launcher.shell import shell_command as shell_line
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden"
@@ -87,7 +88,7 @@ def test_quoting_round_trips_through_sh(value: str, tmp_path: Path) -> None:
 
 def test_tilde_paths_expand() -> None:
     line = shell_line(["~/bin/python", "-V"], {}, cwd="~/my dir")
-    assert line.startswith("cd ~/'my dir' && exec env ~/bin/python")
+    assert line == "cd ~/'my dir' && exec ~/bin/python -V"
 
 
 def test_masking() -> None:
