@@ -8,7 +8,8 @@
     steps = read_metrics(tmp_path / "run")
 
 `write_job` writes a tiny, fast job (2-layer hidden-32 model, the bundled Bitext sample cut to
-64 rows, 64-token examples, a SentencePiece tokenizer trained once per session) and returns the
+64 rows with the intent as a short answer: 25-60 token examples, so batches carry padding; a
+512-piece SentencePiece tokenizer trained once per session) and returns the
 YAML's path; keyword arguments are deep-merged into the `train:` section. Jobs run with
 OMP_NUM_THREADS=1 and MLAUNCH_RUN_ID set, so `kill_run` can SIGKILL exactly that job's
 processes, torchrun's workers included (they live in sessions of their own).
@@ -61,13 +62,17 @@ def write_job(tmp_path: Path, name: str = "job", **train: Any) -> Path:
     section: dict[str, Any] = {
         "model": {"init": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}},
         "tokenizer": {"path": str(tiny_tokenizer(tmp_path.parent))},
-        "data": {"path": str(SAMPLE_DATA), "max_rows": 64, "max_length": 64, "micro_batch_size": 2, "eval_fraction": 0.1},
+        # The intent as the "response": 25-60 token examples, so batches really carry padding.
+        "data": {"path": str(SAMPLE_DATA), "template": "[INST] {instruction} [/INST]\n{response}",
+                 "columns": {"response": "intent"}, "max_rows": 64, "max_length": 64, "micro_batch_size": 2,
+                 "eval_fraction": 0.1},
         "optim": {"lr": 3e-3},
         "schedule": {"warmup_steps": 1, "decay": "cosine"},
         "max_steps": 5,
         "device": "cpu",
         "output_dir": str(tmp_path / "run"),
     }
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump({"train": _merge(section, train)}, sort_keys=False))
     return path

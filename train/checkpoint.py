@@ -18,11 +18,13 @@ The checkpoint folder must be on a filesystem every rank sees (a shared one acro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +141,8 @@ def save(ckpt_dir: Path, step: int, par, optimizer: torch.optim.Optimizer, train
         tmp.mkdir(parents=True)
     D.barrier()
     state = {"model": par.model_state_dict(), "optim": par.optim_state_dict(optimizer)}
-    dcp.save(state, checkpoint_id=str(tmp), no_dist=not D.is_initialized())
+    with _single_process_ok():
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=not D.is_initialized())
     rank = D.get_rank()
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
     if rank == 0:
@@ -159,6 +162,14 @@ def save(ckpt_dir: Path, step: int, par, optimizer: torch.optim.Optimizer, train
     return final
 
 
+@contextlib.contextmanager
+def _single_process_ok():
+    """Alone (no process group) DCP warns that it assumes one process: that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _remove(path: Path) -> None:
     # Marker first: an interrupted delete leaves an incomplete folder, never a broken "complete" one.
     (path / MARKER).unlink(missing_ok=True)
@@ -174,7 +185,8 @@ def load(path: Path, par, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore model, optimizer and this rank's RNG from `path`; return the trainer state.
     Collective. Must run after the optimizer and scheduler exist, and before the first step."""
     state = {"model": par.model_state_dict(), "optim": par.optim_state_dict(optimizer)}
-    dcp.load(state, checkpoint_id=str(path), no_dist=not D.is_initialized())
+    with _single_process_ok():
+        dcp.load(state, checkpoint_id=str(path), no_dist=not D.is_initialized())
     par.load_model_state_dict(state["model"])
     par.load_optim_state_dict(optimizer, state["optim"])
     rng_file = path / f"rng_rank{D.get_rank()}.pt"

@@ -23,8 +23,6 @@ def apply_ddp(model: nn.Module, *, group, device: torch.device) -> nn.Module:
         model,
         device_ids=[device.index] if device.type == "cuda" else None,
         process_group=group,
-        # No buffers in the model (RoPE/ALiBi are computed per forward): nothing to broadcast.
-        broadcast_buffers=False,
         # Gradients alias the all-reduce buckets: one copy of the gradients instead of two.
         gradient_as_bucket_view=True,
     )

@@ -1,0 +1,142 @@
+"""Checkpoints: atomic layout and discovery (in-process), and a real SIGKILL + resume that must end
+bit-identical to an uninterrupted run (torchrun, 2 ranks on CPU/gloo)."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+
+import pytest
+import torch
+
+from launcher.config import ParallelConfig, TrainConfig
+from launcher.errors import ConfigError
+from tests.helpers import kill_run, read_metrics, run_train, start_train, wait_gone, write_job
+from train import checkpoint as ckpt
+from train.models.baichuan import BaichuanConfig, BaichuanForCausalLM, init_weights
+from train.parallel.base import ParallelDims
+from train.parallel.ddp import DDPParallel
+
+TINY = BaichuanConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+
+
+def _tiny_setup(seed: int):
+    torch.manual_seed(seed)
+    model = BaichuanForCausalLM(TINY)
+    init_weights(model)
+    dims = ParallelDims.from_config(ParallelConfig(), 1, 1)
+    par = DDPParallel.build(model, dims=dims, mesh=None, cfg=TrainConfig(model={"init": {}}), device=torch.device("cpu"),
+                            z_loss_weight=0.0)
+    return par, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def _one_step(par, opt):
+    ids = torch.randint(3, 64, (2, 8))
+    par.forward_backward({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}, 1 / 14, sync=True)
+    opt.step()
+    opt.zero_grad()
+
+
+def test_save_load_roundtrip_atomic_layout_and_pruning(tmp_path):
+    par, opt = _tiny_setup(0)
+    for step in (1, 2, 3):
+        _one_step(par, opt)
+        path = ckpt.save(tmp_path, step, par, opt, {"step": step, "sampler": {"epoch": 0}}, keep=2)
+    assert path.name == "step_000003" and (path / ckpt.MARKER).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000002", "step_000003"]  # keep-last-K
+    expected = {k: v.clone() for k, v in par.model.state_dict().items()}
+    random_after = torch.rand(3)
+
+    other, other_opt = _tiny_setup(1)  # different weights, fresh optimizer without moments
+    torch.rand(5)  # move the RNG on: load must restore it
+    state = ckpt.load(ckpt.find_resume(tmp_path, "auto"), other, other_opt)
+    assert state["step"] == 3
+    assert all(torch.equal(v, expected[k]) for k, v in other.model.state_dict().items())
+    assert torch.equal(torch.rand(3), random_after)
+    # Same optimizer state → the next update is bit-identical too.
+    torch.manual_seed(7)
+    _one_step(par, opt)
+    torch.manual_seed(7)
+    _one_step(other, other_opt)
+    assert all(torch.equal(a, b) for a, b in zip(par.model.parameters(), other.model.parameters()))
+
+
+def test_half_written_checkpoints_are_ignored_and_cleaned(tmp_path):
+    par, opt = _tiny_setup(0)
+    _one_step(par, opt)
+    good = ckpt.save(tmp_path, 4, par, opt, {"step": 4}, keep=3)
+    (tmp_path / "step_000009.tmp").mkdir()  # killed while saving
+    no_marker = tmp_path / "step_000008"  # marker never written
+    no_marker.mkdir()
+    (no_marker / "__0_0.distcp").write_bytes(b"partial")
+    truncated = tmp_path / "step_000007"  # marker present but a file is shorter than listed
+    truncated.mkdir()
+    for f in good.iterdir():
+        (truncated / f.name).write_bytes(f.read_bytes())
+    shard = next(truncated.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:10])
+
+    assert ckpt.find_resume(tmp_path, "auto") == good
+    assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [4]
+    with pytest.raises(ConfigError, match="no valid COMPLETE marker"):
+        ckpt.find_resume(tmp_path, str(no_marker))
+    assert ckpt.find_resume(tmp_path, "never") is None
+    removed = ckpt.clean_incomplete(tmp_path)
+    assert sorted(p.name for p in removed) == ["step_000007", "step_000008", "step_000009.tmp"]
+    assert [p.name for p in tmp_path.iterdir()] == ["step_000004"]
+
+
+def _exported(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "export" / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bit_identical(tmp_path):
+    """SIGKILL the whole torchrun job once the checkpoint of step 4 is complete, plant
+    half-written checkpoints, resume with `resume: auto`: the final weights equal, bit for bit,
+    those of a run that was never interrupted (same seed). Mid-epoch, across epoch ends, with
+    gradient accumulation over 2 ranks."""
+    common = dict(max_steps=40, grad_accum=2, data={"max_rows": 24, "micro_batch_size": 1},
+                  checkpoint={"every_steps": 2, "keep": 2})
+    ref = write_job(tmp_path / "ref", **common)
+    crash = write_job(tmp_path / "crash", **common)
+    started = time.monotonic()
+    r = run_train(ref, nproc=2, timeout=120)
+    assert r.returncode == 0, r.stderr
+    ref_seconds = time.monotonic() - started
+    ref_ckpts = tmp_path / "ref" / "run" / "checkpoints"
+    assert sorted(p.name for p in ref_ckpts.iterdir()) == ["step_000038", "step_000040"]  # keep: 2
+
+    run_id = uuid.uuid4().hex
+    proc = start_train(crash, nproc=2, run_id=run_id)
+    ckpt_dir = tmp_path / "crash" / "run" / "checkpoints"
+    deadline = time.monotonic() + ref_seconds + 60
+    while not (ckpt_dir / "step_000004" / ckpt.MARKER).exists():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "no checkpoint of step 4 appeared"
+        time.sleep(0.01)
+    kill_run(proc, run_id)  # SIGKILL: torchrun's process group and its workers (own sessions)
+    proc.wait(timeout=30)
+    wait_gone(run_id)
+    assert not (tmp_path / "crash" / "run" / "export").exists(), "the run finished before the kill; raise max_steps"
+
+    # Half-written leftovers newer than any real checkpoint: resume must skip and remove them.
+    (ckpt_dir / "step_000099.tmp").mkdir()
+    (ckpt_dir / "step_000098").mkdir()
+    (ckpt_dir / "step_000098" / "__0_0.distcp").write_bytes(b"partial")
+    r = run_train(crash, nproc=2, timeout=120)
+    assert r.returncode == 0, r.stderr
+    resumed = re.search(r"resumed from \S+step_(\d+) at step (\d+)", r.stderr)
+    assert resumed and 4 <= int(resumed.group(2)) < 40, r.stderr
+    assert not (ckpt_dir / "step_000098").exists() and not (ckpt_dir / "step_000099.tmp").exists()
+
+    want, got = _exported(tmp_path / "ref" / "run"), _exported(tmp_path / "crash" / "run")
+    assert want.keys() == got.keys() and "model.layers.1.self_attn.W_pack.weight" in want
+    different = [k for k in want if not torch.equal(want[k], got[k])]
+    assert not different, f"not bit-identical after resume: {different}"
+    # metrics.jsonl reads as one run: each step once, the same losses.
+    assert [m["step"] for m in read_metrics(tmp_path / "crash" / "run")] == list(range(1, 41))
+    assert [m["loss"] for m in read_metrics(tmp_path / "crash" / "run")] == [m["loss"] for m in read_metrics(tmp_path / "ref" / "run")]
