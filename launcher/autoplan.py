@@ -1,28 +1,125 @@
 """`parallel: auto`: ask the planner, then write its choice into the config the ranks read.
 
 The planner (launcher/planner.py) is pure arithmetic over model and cluster dimensions; this
-module gathers those dimensions from the config (config.json when readable, else the known
-Baichuan variants, else `model.init`) and turns the chosen candidate back into config fields.
+module gathers those dimensions from the config — the checkpoint's config.json when the
+launcher can read it, else the known Baichuan variants by name, else `model.init` — and turns
+the chosen candidate back into config fields, so `train` runs exactly what `plan` printed.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from launcher.config import JobConfig
+from launcher.errors import ConfigError
+
+# A tiny model's vocabulary when neither init.vocab_size nor a tokenizer size says it.
+_FALLBACK_VOCAB = 64000
+
+
+def model_dims(cfg: JobConfig) -> tuple[Any, str]:
+    """(ModelDims, where they came from)."""
+    from launcher import planner
+
+    m = cfg.train.model
+    position = None if m.position == "auto" else m.position
+    if m.init is not None:
+        i = m.init
+        vocab = i.vocab_size or cfg.train.tokenizer.train_vocab_size or _FALLBACK_VOCAB
+        variant = m.variant if m.variant != "auto" else "baichuan2-7b"
+        pos = position or ("alibi" if variant.endswith("13b") else "rope")
+        return planner.ModelDims(n_layers=i.num_hidden_layers, hidden=i.hidden_size, ffn=i.intermediate_size,
+                                 heads=i.num_attention_heads, vocab=vocab, position=pos), "train.model.init"
+    assert m.name_or_path is not None
+    config_json = Path(m.name_or_path).expanduser() / "config.json"
+    if config_json.is_file():
+        return planner.ModelDims.from_hf_config(json.loads(config_json.read_text()), position=position), str(config_json)
+    try:
+        return planner.by_name(m.variant if m.variant != "auto" else m.name_or_path), "known Baichuan variant"
+    except ConfigError:
+        raise ConfigError(
+            f"train.parallel.strategy auto: cannot tell the size of `{m.name_or_path}` (no config.json readable "
+            "here, not a known Baichuan name); set train.model.variant or pick a strategy") from None
+
+
+def cluster_spec(cfg: JobConfig, *, standalone: bool, gpus: dict[int, int] | None) -> Any:
+    from launcher import planner
+
+    cluster = cfg.cluster
+    nnodes = 1 if standalone or cluster is None else len(cluster.nodes)
+    nproc = cfg.launch.nproc_per_node
+    known = [g for g in (gpus or {}).values() if g is not None]
+    declared = [n.gpus for n in cluster.nodes if n.gpus is not None] if cluster else []
+    if isinstance(nproc, int):
+        per_node = nproc
+    else:
+        per_node = max(1, min(known or declared or [1]))
+    has_gpu = bool(known and min(known) > 0) or bool(declared and min(declared) > 0)
+    if not has_gpu and (known or not declared):
+        gpu_type = "cpu"
+    else:
+        gpu_type = cluster.gpu.type if cluster else "H100"
+    g = cluster.gpu if cluster else None
+    gb = 1e9
+    return planner.ClusterSpec.from_gpu_type(
+        gpu_type, nnodes=nnodes, gpus_per_node=per_node,
+        gpu_mem_bytes=int(g.memory_gb * gb) if g and g.memory_gb else None,
+        peak_flops=g.peak_tflops * 1e12 if g and g.peak_tflops else None,
+        intra_bw_bytes_s=g.intra_node_gbps * gb if g and g.intra_node_gbps else None,
+        inter_bw_bytes_s=g.inter_node_gbps * gb if g and g.inter_node_gbps else None,
+    )
 
 
 def resolve_parallel(cfg: JobConfig, *, standalone: bool, gpus: dict[int, int] | None) -> tuple[JobConfig, Any]:
-    if cfg.train.parallel.strategy != "auto":
+    """For `auto`: (config with the chosen strategy written in, planner Decision); else (cfg, None)."""
+    par = cfg.train.parallel
+    if par.strategy != "auto":
         return cfg, None
-    raise NotImplementedError("parallel: auto is wired in once launcher/planner.py lands")
+    from launcher import planner
+
+    dims, source = model_dims(cfg)
+    spec = cluster_spec(cfg, standalone=standalone, gpus=gpus)
+    work = planner.Workload(seq_len=cfg.train.data.max_length, micro_batch=cfg.train.data.micro_batch_size,
+                            grad_accum=cfg.train.grad_accum, mixed_precision=spec.gpu_name != "cpu",
+                            pp_microbatches=par.microbatches,
+                            pp_schedule="gpipe" if par.schedule == "gpipe" else "1f1b")
+    decision = planner.plan_parallel(dims, spec, work, memory_budget=par.memory_budget)
+    decision.notes.append(f"model dimensions from {source}; cluster {spec.describe()}")
+    chosen = decision.chosen
+    if chosen is None:
+        raise ConfigError(f"train.parallel.strategy auto: {decision.reason}")
+    resolved = cfg.model_copy(deep=True)
+    rp = resolved.train.parallel
+    rp.strategy = chosen.family
+    if chosen.family == "pipeline":
+        rp.pp = chosen.degrees["pp"]
+        rp.dp_shard = "shard" in chosen.degrees
+        rp.microbatches = chosen.microbatches
+    # The memory estimate assumed this recomputation: auto owns the setting, like the strategy.
+    resolved.train.model.activation_checkpointing = chosen.recompute  # type: ignore[assignment]
+    return resolved, decision
 
 
 def summary(cfg: JobConfig, decision: Any) -> dict[str, Any]:
+    """What `plan --json` shows under `parallel` (the strategy the ranks will run)."""
     par = cfg.train.parallel
-    out: dict[str, Any] = {"strategy": par.strategy}
+    out: dict[str, Any] = {"strategy": par.strategy, "activation_checkpointing": cfg.train.model.activation_checkpointing}
     if par.strategy == "pipeline":
-        out.update(pp=par.pp, schedule=par.schedule, microbatches=par.microbatches, dp_shard=par.dp_shard)
+        out.update(pp=par.pp, schedule=par.schedule, microbatches=par.microbatches or 2 * par.pp, dp_shard=par.dp_shard)
     if decision is not None:
+        from launcher import planner
+
+        out["chosen_by"] = "auto"
         out["reason"] = decision.reason
+        out["decision"] = planner.decision_to_dict(decision)
     return out
+
+
+def print_decision(console: Any, decision: Any) -> None:
+    from launcher import planner
+
+    console.print(planner.render_table(decision))
+    for note in decision.notes:
+        console.print(f"note: {note}")

@@ -31,7 +31,7 @@ def print_plan(plan: Plan, cfg: JobConfig, decision: Any) -> None:
     console.print(table)
     par = plan.parallel
     line = f"parallel: [bold]{par.get('strategy')}[/bold]"
-    extras = {k: v for k, v in par.items() if k not in ("strategy", "reason", "candidates")}
+    extras = {k: v for k, v in par.items() if k not in ("strategy", "reason", "decision")}
     if extras:
         line += " (" + ", ".join(f"{k}={v}" for k, v in extras.items()) + ")"
     console.print(line)
