@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -60,8 +61,10 @@ def train(job: JobConfig, env: DistEnv, dims: ParallelDims, device: torch.device
     removed: list[Path] = []
     if env.is_rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if not (out_dir / "config.yaml").exists():  # a resumed run keeps the config it started with
-            (out_dir / "config.yaml").write_text(to_yaml(job))
+        if not (out_dir / "config.yaml").exists():  # `mlaunch run` writes it; a resume keeps the first
+            tmp = out_dir / f".config.yaml.{os.getpid()}"
+            tmp.write_text(to_yaml(job))
+            os.replace(tmp, out_dir / "config.yaml")
         removed = ckpt.clean_incomplete(ckpt_dir)
     D.barrier()
 
@@ -86,19 +89,22 @@ def train(job: JobConfig, env: DistEnv, dims: ParallelDims, device: torch.device
     scheduler = build_scheduler(optimizer, cfg, total_steps)
 
     # ---------------------------------------------------------------- resume
-    step = 0
+    step, elapsed_before = 0, 0.0
     resume_from = ckpt.find_resume(ckpt_dir, cfg.checkpoint.resume)
     if resume_from is not None:
         state = ckpt.load(resume_from, par, optimizer)
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
-        step = state["step"]
+        step, elapsed_before = state["step"], state["elapsed_s"]
 
     log = MetricsLogger(out_dir, enabled=env.is_rank0, total_steps=total_steps, start_step=step,
                         tensorboard=cfg.tensorboard)
     if env.is_rank0:
         for p in removed:
             log.message(f"removed half-written checkpoint {p}")
+        if resume_from is None and ckpt.complete_checkpoints(ckpt_dir):
+            log.message(f"warning: starting afresh (resume: {cfg.checkpoint.resume}) although {ckpt_dir} holds "
+                        "checkpoints of an earlier run; they will be overwritten or pruned")
     n_eval = len(data.eval) if data.eval is not None else 0
     log.message(
         f"{dims.strategy} on {dims.world_size} rank(s) ({device.type}); model {num_params(mcfg) / 1e6:.2f}M params; "
@@ -114,7 +120,7 @@ def train(job: JobConfig, env: DistEnv, dims: ParallelDims, device: torch.device
     replication = dims.world_size // par.dp_size  # ranks that see the same batch (pipeline stages)
     batches_iter = iter(sampler)
     window = _Window()
-    t_start = time.perf_counter()
+    t_start = time.perf_counter() - elapsed_before  # elapsed_s continues across resumes
     stopped = False
     par.train()
     while step < total_steps:
@@ -170,13 +176,16 @@ def train(job: JobConfig, env: DistEnv, dims: ParallelDims, device: torch.device
                 per_token = flops_per_token(mcfg, max(1, round(padded / max(seqs, 1))))
                 record["mfu"] = per_token * record["tokens_per_s"] / (peak * dims.world_size)
             log.log(record)
+        t_aside = time.perf_counter()  # eval and checkpoint time is kept out of tokens/s
         if n_eval and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
             log.log({"step": step, "eval_loss": evaluate(par, data.eval, cfg, replication, collate_kw)})
             par.train()
         if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or last:
-            trainer_state = {"step": step, "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict()}
+            trainer_state = {"step": step, "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
+                             "elapsed_s": time.perf_counter() - t_start}
             path = ckpt.save(ckpt_dir, step, par, optimizer, trainer_state, cfg.checkpoint.keep)
             log.message(f"saved checkpoint {path}")
+        window.t0 += time.perf_counter() - t_aside
 
     if stopped:
         log.message(f"stopped by signal at step {step}; resume continues from the last complete checkpoint")
