@@ -270,7 +270,9 @@ def _safe(name: str) -> str:
 def _read(job: NodeJob, prefix: str, lock: threading.Lock, changed: threading.Event) -> None:
     """Drain one node's output: prefixed to our stdout, verbatim to its log file."""
     try:
-        for line in job.proc.lines():
+        for raw in job.proc.lines():
+            # A carriage-return redraw (a progress bar that slipped through): keep its final state.
+            line = raw.rstrip("\r").rsplit("\r", 1)[-1]
             job.tail.append(line)
             job.log.write(line + "\n")
             job.log.flush()

@@ -159,7 +159,10 @@ def make_plan(
     if rdzv_cfg.backend == "static" and lo != hi:
         raise ConfigError("launch.nnodes MIN:MAX (elastic) needs launch.rdzv.backend: c10d; static rendezvous has a fixed size")
 
-    env_common = {**passthrough_env(cluster.env_passthrough, local_env), **cluster.env, **base_env}
+    # The job runs in a pty (so an SSH hangup reaches it) but its output becomes prefixed log
+    # lines: no progress-bar redraws.
+    quiet = {"MLAUNCH_NONINTERACTIVE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+    env_common = {**quiet, **passthrough_env(cluster.env_passthrough, local_env), **cluster.env, **base_env}
     nodes = []
     world = 0
     for i, spec in enumerate(cluster.nodes):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -73,9 +74,10 @@ class MetricsLogger:
         self.path = out_dir / METRICS_FILE
         truncate_after(self.path, start_step)
         self.file = self.path.open("a", buffering=1)  # line-buffered: readable while running
-        # A bar on a terminal (a pty over SSH too); plain lines in log files, where \r updates
-        # would pile up.
-        self.interactive = sys.stderr.isatty()
+        # A bar on a terminal; plain lines in log files, where \r updates would pile up. Jobs
+        # launched over SSH run in a pty (for hangup delivery) but their output is streamed into
+        # prefixed lines and log files: the launcher marks them non-interactive.
+        self.interactive = sys.stderr.isatty() and os.environ.get("MLAUNCH_NONINTERACTIVE") != "1"
         if self.interactive:
             from tqdm import tqdm
 
