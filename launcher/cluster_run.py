@@ -216,6 +216,7 @@ def _execute(cfg: JobConfig, the_plan: Plan, jobs: dict[str, NodeJob]) -> int:
     width = max(len(n) for n in jobs)
     print_lock = threading.Lock()
     changed = threading.Event()
+    quiet = threading.Event()  # set once we stop the run: shutdown noise goes to the logs only
     grace = cfg.launch.grace_period_s
 
     with _Stop() as stop:
@@ -223,7 +224,7 @@ def _execute(cfg: JobConfig, the_plan: Plan, jobs: dict[str, NodeJob]) -> int:
             job.log = open(out / "logs" / f"{_safe(name)}.log", "a", encoding="utf-8")
             job.proc = job.conn.start(job.plan.command(), pty=True)
             prefix = f"\x1b[{_COLOURS[i % len(_COLOURS)]}m{name:<{width}}\x1b[0m | " if colour else f"{name:<{width}} | "
-            job.reader = threading.Thread(target=_read, args=(job, prefix, print_lock, changed), daemon=True,
+            job.reader = threading.Thread(target=_read, args=(job, prefix, print_lock, changed, quiet), daemon=True,
                                           name=f"mlaunch-log-{name}")
             job.reader.start()
         _record(out, the_plan, jobs)
@@ -241,11 +242,14 @@ def _execute(cfg: JobConfig, the_plan: Plan, jobs: dict[str, NodeJob]) -> int:
 
         if stop.signum is not None:
             _say(f"stopping run {the_plan.run_id} on every node (signal {stop.signum})")
+            quiet.set()
             _stop_all(the_plan, jobs, grace)
+            _say(f"stopped on all {len(jobs)} node(s); shutdown output is in {out / 'logs'}/")
             return stop.exit_code
         if failed is not None:
             why = "lost its SSH connection" if failed.dropped else f"exited with code {failed.exit_code}"
             _say(f"node {failed.plan.name} {why}; stopping the other nodes")
+            quiet.set()
             t0 = time.monotonic()
             _stop_all(the_plan, jobs, min(grace, STOP_DEADLINE_S - 3))
             _say(f"all nodes stopped in {time.monotonic() - t0:.1f}s")
@@ -267,7 +271,7 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-def _read(job: NodeJob, prefix: str, lock: threading.Lock, changed: threading.Event) -> None:
+def _read(job: NodeJob, prefix: str, lock: threading.Lock, changed: threading.Event, quiet: threading.Event) -> None:
     """Drain one node's output: prefixed to our stdout, verbatim to its log file."""
     try:
         for raw in job.proc.lines():
@@ -276,9 +280,10 @@ def _read(job: NodeJob, prefix: str, lock: threading.Lock, changed: threading.Ev
             job.tail.append(line)
             job.log.write(line + "\n")
             job.log.flush()
-            with lock:
-                sys.stdout.write(prefix + line + "\n")
-                sys.stdout.flush()
+            if not quiet.is_set():
+                with lock:
+                    sys.stdout.write(prefix + line + "\n")
+                    sys.stdout.flush()
         job.exit_code = job.proc.exit_status(timeout=30)
     except Exception:  # the transport died under us
         job.dropped = True

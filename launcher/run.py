@@ -6,6 +6,7 @@ resolved config, starts the processes, streams their output, and guarantees tear
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -134,12 +135,17 @@ def run_standalone(cfg: JobConfig) -> int:
                                     stdin=subprocess.DEVNULL, start_new_session=True)
         except OSError as e:
             raise MlaunchError(f"cannot start torchrun ({node.argv[0]}): {e.strerror}; check the python interpreter") from None
-        pump = threading.Thread(target=_pump, args=(proc.stdout, log), daemon=True)
+        (out / "logs" / "run.json").write_text(json.dumps(
+            {"run_id": the_plan.run_id, "nodes": {"local": {"host": "localhost", "pid": proc.pid, "sid": proc.pid}}}, indent=2))
+        quiet = threading.Event()
+        pump = threading.Thread(target=_pump, args=(proc.stdout, log, quiet), daemon=True)
         pump.start()
         while proc.poll() is None and not stop.event.is_set():
             stop.event.wait(0.2)
         if stop.signum is not None:
             _say(f"stopping run {the_plan.run_id} (signal {stop.signum}); grace {grace:g}s")
+            # torchrun answers SIGTERM with its own traceback: keep it in the log, off the terminal.
+            quiet.set()
             _terminate(proc, grace)
         code = proc.wait()
         left = procs.end_run(the_plan.run_id, grace_s=grace)
@@ -147,6 +153,7 @@ def run_standalone(cfg: JobConfig) -> int:
             _say(f"ended {len(left)} leftover process(es) of run {the_plan.run_id}")
         pump.join(timeout=5)
     if stop.signum is not None:
+        _say(f"stopped: no process of run {the_plan.run_id} is left; torchrun's shutdown output is in {out / 'logs' / 'local.log'}")
         return stop.exit_code
     if code != 0:
         _say(f"torchrun exited with code {code}; full log: {out / 'logs' / 'local.log'}")
@@ -165,12 +172,13 @@ def _terminate(proc: subprocess.Popen, grace: float) -> None:
         pass
 
 
-def _pump(stream: Any, log: Any) -> None:
+def _pump(stream: Any, log: Any, quiet: threading.Event) -> None:
     for line in iter(stream.readline, b""):
         log.write(line)
         log.flush()
-        sys.stdout.buffer.write(line)
-        sys.stdout.flush()
+        if not quiet.is_set():
+            sys.stdout.buffer.write(line)
+            sys.stdout.flush()
 
 
 def _say(msg: str) -> None:

@@ -1,0 +1,60 @@
+"""`mlaunch run CONFIG --standalone`: the real `train` under a real torchrun, and Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launcher.procs import run_processes
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def mlaunch(*args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLAUNCH_DEBUG", None)
+    return subprocess.Popen([sys.executable, "-m", "launcher.cli", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_tiny_yaml_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = mlaunch("run", "configs/tiny.yaml", "--standalone", "--set", f"train.output_dir={out}")
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [x for x in lines if "loss" in x]
+    assert train_lines and all({"step", "loss", "lr", "tokens_per_s"} <= set(x) for x in train_lines)
+    assert train_lines[-1]["loss"] < train_lines[0]["loss"], "the tiny model learns"
+    assert (out / "config.yaml").is_file() and (out / "logs" / "local.log").stat().st_size > 0
+    assert (out / "export" / "config.json").is_file()
+    assert "step" in stdout
+
+
+def test_sigint_stops_everything_and_exits_130(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = mlaunch("run", "configs/tiny.yaml", "--standalone", "--set", f"train.output_dir={out}",
+                   "--set", "train.max_steps=100000", "--set", "train.checkpoint.every_steps=100000")
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "training never logged a step"
+        time.sleep(0.3)
+    run_id = json.loads((out / "logs" / "run.json").read_text())["run_id"]
+    assert len(run_processes(run_id)) >= 3, "torchrun and its 2 workers carry the run id"
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert time.monotonic() - t0 < 30
+    assert "Traceback" not in stderr.split("stopping run")[0]
+    assert run_processes(run_id) == [], "no process of the run is left"
