@@ -88,7 +88,8 @@ def train_command(config: Path, nproc: int | None, overrides: tuple[str, ...] = 
 
 
 def job_env(run_id: str | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), MLAUNCH_RUN_ID=run_id or uuid.uuid4().hex)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path, MLAUNCH_RUN_ID=run_id or uuid.uuid4().hex)
     env.pop("MLAUNCH_DEBUG", None)
     env.update(extra or {})
     return env
