@@ -1,0 +1,408 @@
+"""FSDP, HSDP and pipeline strategies against a single-process reference, on real torchrun workers
+(CPU, gloo, fp32).
+
+One torchrun launch per world size runs every configuration in-process (this file is also the
+worker: `torchrun ... tests/test_parallel.py OUT.json WORLD`), because starting processes is what
+costs time here. Each configuration trains the same tiny model on the same global batches
+(16 sequences of random lengths per step, so batches carry padding), split the way the loop splits
+them: contiguous rows per data-parallel rank, 2 micro-batches of accumulation, loss scaled by
+dp_size / global target tokens. Every rank also trains the unwrapped model on the whole batch
+alone: that reference is what DDP must match, and so must every other strategy (1e-4 relative).
+Checkpoints written under one strategy are loaded under another and training goes on: the next
+steps' losses must be the reference's (model weights and AdamW moments both restored).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 6
+GLOBAL_ROWS = 16  # sequences per optimizer step, whatever the layout
+GRAD_ACCUM = 2
+RESUME_AT = 3  # checkpoint after this many steps, then continue under another strategy
+TOL = 1e-4
+
+
+# ============================================================================== pytest side
+def _launch(tmp_path: Path, world: int, timeout: float = 170) -> dict:
+    out = tmp_path / f"world{world}.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+           str(Path(__file__)), str(out), str(world)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"workers failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    result = json.loads(out.read_text())
+    result["wall_s"] = time.monotonic() - t0
+    return result
+
+
+@pytest.fixture(scope="module")
+def world2(tmp_path_factory):
+    return _launch(tmp_path_factory.mktemp("parallel2"), 2)
+
+
+@pytest.fixture(scope="module")
+def world4(tmp_path_factory):
+    return _launch(tmp_path_factory.mktemp("parallel4"), 4)
+
+
+def _close(a: list[float], b: list[float], tol: float = TOL) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= tol * max(abs(y), 1e-6) for x, y in zip(a, b))
+
+
+def _check_runs(result: dict) -> None:
+    ref = result["reference"]
+    assert ref["loss"][-1] < ref["loss"][0] - 0.3, f"the reference does not learn: {ref['loss']}"
+    assert len(result["runs"]) >= 4
+    for name, run in result["runs"].items():
+        assert _close(run["loss"], ref["loss"]), f"{name}: loss {run['loss']} != reference {ref['loss']}"
+        assert _close(run["grad_norm"], ref["grad_norm"]), f"{name}: grad norm {run['grad_norm']} != {ref['grad_norm']}"
+        assert abs(run["eval_loss"] - ref["eval_loss"]) <= TOL * ref["eval_loss"], (name, run["eval_loss"], ref["eval_loss"])
+        # Adam divides by the gradients' running RMS: rounding-level gradient differences move
+        # near-zero-gradient weights by up to ~lr·1e-3 after a few steps.
+        assert run["export_max_abs_diff"] <= 1e-4, f"{name}: exported weights differ from the reference's"
+        assert run["export_keys_ok"], f"{name}: exported keys are not the published ones"
+
+
+def _check_resumes(result: dict) -> None:
+    ref = result["reference"]["loss"][RESUME_AT:]
+    assert len(result["resumes"]) >= 2
+    for name, losses in result["resumes"].items():
+        assert _close(losses, ref), f"{name}: losses after loading {losses} != reference {ref}"
+
+
+@pytest.mark.slow
+def test_world2_fsdp_and_pipeline_schedules_match_ddp(world2):
+    """fsdp(2); pipeline 2 stages x 4 micro-batches with gpipe, 1f1b and interleaved 1f1b (2 virtual
+    stages per rank); all equal ddp(2) and the single-process reference."""
+    assert {"ddp", "fsdp", "pipeline-gpipe", "pipeline-1f1b", "pipeline-interleaved_1f1b"} <= set(world2["runs"])
+    _check_runs(world2)
+
+
+@pytest.mark.slow
+def test_world2_checkpoints_load_across_strategies(world2):
+    assert {"fsdp->ddp", "ddp->fsdp", "pipeline->ddp", "fsdp->pipeline", "pipeline->interleaved"} <= set(world2["resumes"])
+    _check_resumes(world2)
+
+
+@pytest.mark.slow
+def test_world4_fsdp_hsdp_and_pipeline_x_dp_match_ddp(world4):
+    """fsdp(4); hsdp 2 replicas x 2 shards; pipeline 2 stages x dp 2 with DDP and with FSDP inside
+    each stage; all equal ddp(4)."""
+    assert {"ddp", "fsdp", "hsdp", "pipeline-ddp", "pipeline-fsdp"} <= set(world4["runs"])
+    _check_runs(world4)
+
+
+@pytest.mark.slow
+def test_world4_checkpoints_load_across_strategies(world4):
+    assert {"hsdp->pipeline-fsdp", "pipeline-ddp->fsdp"} <= set(world4["resumes"])
+    _check_resumes(world4)
+
+
+def test_bad_layouts_fail_in_one_line_before_any_process_group():
+    """Checked by ParallelDims.from_config, which `python -m train` calls before init_process_group."""
+    from launcher.config import ParallelConfig
+    from launcher.errors import ConfigError
+    from train.parallel.base import ParallelDims
+
+    for pcfg, world, message in [
+        (ParallelConfig(strategy="pipeline", pp=3), 4, "does not divide the world size 4"),
+        (ParallelConfig(strategy="ddp", pp=2), 4, "need `strategy: pipeline`"),
+        (ParallelConfig(strategy="fsdp", pp=2), 4, "need `strategy: pipeline`"),
+    ]:
+        with pytest.raises(ConfigError, match=message) as e:
+            ParallelDims.from_config(pcfg, world, world)
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_bad_layout_under_torchrun_is_one_line_and_starts_no_process_group(tmp_path):
+    import re
+
+    from tests.helpers import run_train, write_job
+
+    cfg = write_job(tmp_path, parallel={"strategy": "pipeline", "pp": 3})
+    t0 = time.monotonic()
+    result = run_train(cfg, nproc=2, timeout=60)
+    assert time.monotonic() - t0 < 30  # no rendezvous wait, no hang
+    # torchrun reports the workers' exit code 2 as its own failure (exit 1, a ChildFailedError
+    # summary); what the workers themselves wrote is one line from rank 0, no traceback.
+    assert result.returncode != 0 and re.search(r"exitcode\s*: 2", result.stderr), result.stderr
+    torchrun_report = result.stderr.find("Traceback")
+    worker_lines = [line for line in result.stderr[:torchrun_report if torchrun_report >= 0 else None].splitlines()
+                    if line.strip() and not re.match(r"[WEI]\d{4} ", line)]
+    assert len(worker_lines) == 1, result.stderr
+    assert worker_lines[0].startswith("error:") and "does not divide the world size 2" in worker_lines[0]
+
+
+def test_pipeline_pieces():
+    """In-process: the planner's split, the cut model's keys, the shape ladder and the padding."""
+    import torch
+
+    from launcher.config import ParallelConfig
+    from launcher.errors import ConfigError
+    from train.models.baichuan import BaichuanForCausalLM
+    from train.parallel.pipeline import bucket_length, build_pipeline_stages, check_pipeline, model_dims, pad_batch
+    from launcher.planner import split_layers
+
+    model = BaichuanForCausalLM(_tiny_config())
+    full_keys = set(model.state_dict())
+    split = split_layers(model_dims(model.config), 4)
+    chunks, mine = build_pipeline_stages(model, 1, 2, 2, split)
+    assert mine == [1, 3]
+    assert set(model.state_dict()) <= full_keys  # no key renamed
+    assert "lm_head.weight" in model.state_dict() and "model.embed_tokens.weight" not in model.state_dict()
+    assert sorted(model.model.layers.keys()) == sorted(str(i) for k in mine for i in split[k])
+    assert set().union(*(c.state_dict() for c in chunks)) == set(model.state_dict())
+    assert [bucket_length(n, 64) for n in (1, 16, 17, 24, 25, 40, 64, 65)] == [16, 16, 24, 24, 32, 48, 64, 65]
+    batch = {"input_ids": torch.ones(3, 5, dtype=torch.long), "attention_mask": torch.ones(3, 5, dtype=torch.long),
+             "labels": torch.ones(3, 5, dtype=torch.long)}
+    padded = pad_batch(batch, 4, 16)
+    assert padded["input_ids"].shape == (4, 16) and int(padded["attention_mask"].sum()) == 15
+    assert int((padded["labels"] != -100).sum()) == 15
+    with pytest.raises(ConfigError, match="at least 8 decoder layers"):
+        check_pipeline(ParallelConfig(strategy="pipeline", pp=4, schedule="interleaved_1f1b"), 4, 4)
+    with pytest.raises(ConfigError, match="at least pp=4"):
+        check_pipeline(ParallelConfig(strategy="pipeline", pp=4, microbatches=2), 4, 4)
+
+
+# ============================================================================== worker side
+def _tiny_config():
+    from train.models.baichuan import BaichuanConfig
+
+    # norm_head and a z-loss: the Baichuan2 parts travel through every strategy too.
+    return BaichuanConfig(vocab_size=128, hidden_size=32, intermediate_size=88, num_hidden_layers=4,
+                          num_attention_heads=4, position="rope", norm_head=True, z_loss_weight=1e-3)
+
+
+def _global_batches(n_steps: int, seed: int = 1234):
+    """Rows per step: (input_ids, labels) lists of random lengths 5..40 tokens."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    steps = []
+    for _ in range(n_steps):
+        rows = []
+        for _ in range(GLOBAL_ROWS):
+            n = int(torch.randint(5, 41, (1,), generator=g))
+            ids = torch.randint(3, 128, (n,), generator=g).tolist()
+            rows.append({"input_ids": ids, "labels": ids})
+        steps.append(rows)
+    return steps
+
+
+def _micro_batches(rows: list[dict], dp: int, dp_rank: int, grad_accum: int) -> list[dict]:
+    from train.data import collate
+
+    mine = rows[dp_rank * len(rows) // dp:(dp_rank + 1) * len(rows) // dp]
+    per = len(mine) // grad_accum
+    return [collate(mine[i * per:(i + 1) * per]) for i in range(grad_accum)]
+
+
+def _cfg(parallel: dict):
+    from launcher.config import TrainConfig
+
+    return TrainConfig.model_validate({
+        "model": {"init": {}}, "device": "cpu", "parallel": parallel,
+        "data": {"max_length": 64}, "optim": {"lr": 1e-2, "weight_decay": 0.01}, "clip_grad_norm": 1.0,
+    })
+
+
+def _fresh_model(seed: int):
+    import torch
+
+    from train.models.baichuan import BaichuanForCausalLM, init_weights
+
+    torch.manual_seed(seed)
+    model = BaichuanForCausalLM(_tiny_config())
+    init_weights(model)
+    return model
+
+
+class _Layout:
+    def __init__(self, name: str, dims, parallel: dict) -> None:
+        self.name, self.dims, self.parallel = name, dims, parallel
+
+
+def _layouts(world: int):
+    from train.parallel.base import ParallelDims
+
+    def pipe(schedule: str, dp_shard: bool = False, **extra) -> dict:
+        return {"strategy": "pipeline", "pp": 2, "schedule": schedule, "microbatches": 4, "stages_per_rank": 2,
+                "dp_shard": dp_shard, **extra}
+
+    ddp = _Layout("ddp", ParallelDims(world, "ddp", dp=world), {"strategy": "ddp"})
+    fsdp = _Layout("fsdp", ParallelDims(world, "fsdp", dp=world), {"strategy": "fsdp"})
+    if world == 2:
+        pdims = ParallelDims(2, "pipeline", dp=1, pp=2)
+        return [ddp, fsdp] + [_Layout(f"pipeline-{s}", pdims, pipe(s)) for s in ("gpipe", "1f1b", "interleaved_1f1b")]
+    pdims = ParallelDims(4, "pipeline", dp=2, pp=2)
+    return [
+        ddp, fsdp,
+        # Two "nodes" of 2: shard within, replicate across (torchrun --standalone has one node).
+        _Layout("hsdp", ParallelDims(4, "hsdp", dp=4, dp_shard_in_node=2), {"strategy": "hsdp"}),
+        _Layout("pipeline-ddp", pdims, pipe("1f1b")),
+        _Layout("pipeline-fsdp", pdims, pipe("gpipe", dp_shard=True)),
+    ]
+
+
+def _resume_pairs(world: int) -> list[tuple[str, str, str]]:
+    if world == 2:
+        return [("fsdp->ddp", "fsdp", "ddp"), ("ddp->fsdp", "ddp", "fsdp"), ("pipeline->ddp", "pipeline-1f1b", "ddp"),
+                ("fsdp->pipeline", "fsdp", "pipeline-gpipe"),
+                ("pipeline->interleaved", "pipeline-1f1b", "pipeline-interleaved_1f1b")]
+    return [("hsdp->pipeline-fsdp", "hsdp", "pipeline-fsdp"), ("pipeline-ddp->fsdp", "pipeline-ddp", "fsdp")]
+
+
+class _Trainer:
+    """What train/loop.py does per step, reduced to the strategy's contract."""
+
+    def __init__(self, layout: _Layout, seed: int) -> None:
+        import torch
+
+        from train.loop import build_optimizer
+        from train.parallel.base import parallelize
+        from train.parallel.mesh import build_mesh
+
+        self.layout = layout
+        self.cfg = _cfg(layout.parallel)
+        device = torch.device("cpu")
+        mesh = build_mesh(layout.dims, device)
+        self.par = parallelize(_fresh_model(seed), dims=layout.dims, mesh=mesh, cfg=self.cfg, device=device,
+                               z_loss_weight=_tiny_config().z_loss_weight)
+        self.opt = build_optimizer(self.par, self.cfg, device)
+
+    def step(self, rows: list[dict]) -> tuple[float, float]:
+        import torch
+
+        from train import distributed as D
+        from train.parallel.base import target_tokens
+
+        par = self.par
+        batches = _micro_batches(rows, par.dp_size, par.dp_rank, GRAD_ACCUM)
+        count = D.all_reduce_sum(torch.tensor([float(sum(target_tokens(b) for b in batches))], dtype=torch.float64))
+        n_target = int(count) // (self.layout.dims.world_size // par.dp_size)
+        loss_sum = torch.zeros(())
+        for k, b in enumerate(batches):
+            loss, _ = par.forward_backward(b, par.dp_size / n_target, sync=k == len(batches) - 1)
+            loss_sum += loss
+        norm = par.clip_grad_norm_(self.cfg.clip_grad_norm)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        total = D.all_reduce_sum(loss_sum.double().reshape(1))
+        return float(total) / n_target, norm
+
+    def eval_loss(self, rows: list[dict]) -> float:
+        import torch
+
+        from train import distributed as D
+
+        self.par.train(False)
+        loss, n = self.par.eval_loss(_micro_batches(rows, self.par.dp_size, self.par.dp_rank, 1)[0])
+        self.par.train(True)
+        totals = D.all_reduce_sum(torch.tensor([float(loss), float(n)], dtype=torch.float64))
+        return float(totals[0]) / (float(totals[1]) / (self.layout.dims.world_size // self.par.dp_size))
+
+
+def _reference(steps: list[list[dict]], eval_rows: list[dict]) -> tuple[dict, dict]:
+    """The unwrapped model on the whole global batch, alone: ddp's math with one replica."""
+    import torch
+
+    from train.loop import build_optimizer
+    from train.models.baichuan import causal_lm_loss
+    from train.parallel.base import ParallelDims, target_tokens
+    from train.parallel.ddp import DDPParallel
+
+    cfg = _cfg({"strategy": "ddp"})
+    model = _fresh_model(0)
+    par = DDPParallel.build(model, dims=ParallelDims(1, "ddp", dp=1), mesh=None, cfg=cfg, device=torch.device("cpu"),
+                            z_loss_weight=_tiny_config().z_loss_weight)
+    opt = build_optimizer(par, cfg, torch.device("cpu"))
+    out = {"loss": [], "grad_norm": []}
+    for rows in steps:
+        batches = _micro_batches(rows, 1, 0, GRAD_ACCUM)
+        n_target = sum(target_tokens(b) for b in batches)
+        total = sum(float(par.forward_backward(b, 1 / n_target, sync=True)[0]) for b in batches)
+        out["grad_norm"].append(par.clip_grad_norm_(cfg.clip_grad_norm))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        out["loss"].append(total / n_target)
+    with torch.no_grad():
+        b = _micro_batches(eval_rows, 1, 0, 1)[0]
+        loss, n = causal_lm_loss(model(b["input_ids"], b["attention_mask"]), b["labels"], _tiny_config().z_loss_weight)
+    out["eval_loss"] = float(loss) / int(n)
+    return out, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _worker(out_path: str, world: int) -> None:
+    import gc
+    import tempfile
+
+    import torch
+
+    from train import checkpoint as ckpt
+    from train import distributed as D
+
+    env = D.DistEnv.from_env()
+    code, clean = 1, False
+    try:
+        D.init_process_group(env, torch.device("cpu"))
+        steps = _global_batches(STEPS + 1)
+        train_steps, eval_rows = steps[:STEPS], steps[STEPS]
+        reference, ref_state = _reference(train_steps, eval_rows)
+        result: dict = {"reference": reference, "runs": {}, "resumes": {}, "timings": {}}
+        layouts = {layout.name: layout for layout in _layouts(world)}
+        ckpt_root = Path(D.broadcast_object(tempfile.mkdtemp(prefix="mlaunch-par-") if env.is_rank0 else None))
+
+        for name, layout in layouts.items():
+            t0 = time.perf_counter()
+            trainer = _Trainer(layout, seed=0)
+            run = {"loss": [], "grad_norm": []}
+            for i, rows in enumerate(train_steps):
+                loss, norm = trainer.step(rows)
+                run["loss"].append(loss)
+                run["grad_norm"].append(norm)
+                if i + 1 == RESUME_AT:  # a checkpoint for the cross-strategy resumes below
+                    ckpt.save(ckpt_root / name, RESUME_AT, trainer.par, trainer.opt, {"step": RESUME_AT}, keep=1)
+            run["eval_loss"] = trainer.eval_loss(eval_rows)
+            exported = trainer.par.full_state_dict_for_export()
+            if env.is_rank0:
+                run["export_keys_ok"] = list(exported) == list(ref_state)
+                run["export_max_abs_diff"] = max(float((exported[k] - v).abs().max()) for k, v in ref_state.items())
+            result["runs"][name] = run
+            result["timings"][name] = time.perf_counter() - t0
+            del trainer
+            gc.collect()
+
+        for label, src, dst in _resume_pairs(world):
+            trainer = _Trainer(layouts[dst], seed=99)  # other weights: loading must overwrite them
+            ckpt.load(ckpt.find_resume(ckpt_root / src, "auto"), trainer.par, trainer.opt)
+            result["resumes"][label] = [trainer.step(rows)[0] for rows in train_steps[RESUME_AT:]]
+            del trainer
+            gc.collect()
+
+        if env.is_rank0:
+            Path(out_path).write_text(json.dumps(result, indent=1))
+            import shutil
+
+            shutil.rmtree(ckpt_root, ignore_errors=True)
+        code, clean = 0, True
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        D.shutdown(code, clean=clean)  # barrier, destroy, os._exit: the gloo exit-abort pitfall
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], int(sys.argv[2]))

@@ -1,0 +1,148 @@
+"""Fully sharded data parallel (FSDP2 `fully_shard`), and HSDP on a 2-D mesh.
+
+Every rank holds 1/shard of each parameter, of its gradient and of the AdamW moments (ZeRO-3).
+Units, each all-gathered in one collective before use and freed after: every decoder layer, the
+embedding, and the final norm together with the head (they are always used back to back, and the
+norm alone is too small to deserve its own collective). The root unit owns nothing left over but
+drives the prefetching and the end-of-backward synchronisation.
+
+HSDP is the same call on the ("dp_replicate", "dp_shard") mesh: `fully_shard` shards over the
+second dimension (the GPUs of a node, fast links) and replicates over the first (across nodes),
+so the slow inter-node links carry one all-reduce of a 1/shard gradient slice per step.
+
+The units are exactly the planner's (`launcher.planner._fsdp_units`), so its prediction of the
+gathered parameters' memory matches what runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+from train.models.baichuan import causal_lm_loss
+from train.parallel.base import ParallelDims, Parallelized, target_tokens
+from train.parallel.ddp import to_device
+
+if TYPE_CHECKING:
+    from launcher.config import TrainConfig
+
+
+def mixed_precision_policy(device: torch.device, mixed_precision: str) -> MixedPrecisionPolicy | None:
+    """bf16 compute with fp32 gradient reduction on GPU (`auto`/`bf16`); None (fp32) on CPU, where
+    bf16 matmuls are slow and the tests compare fp32 runs. The sharded fp32 parameters stay the
+    optimizer's master weights either way."""
+    if device.type != "cuda" or mixed_precision == "fp32":
+        return None
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def offload_policy(device: torch.device, cpu_offload: bool) -> OffloadPolicy:
+    """`CPUOffloadPolicy` when asked for on GPU. On CPU the parameters already live in host memory:
+    the setting does nothing, which is said once rather than silently ignored."""
+    if not cpu_offload:
+        return OffloadPolicy()
+    if device.type != "cuda":
+        from train.distributed import is_rank0
+
+        if is_rank0():
+            warnings.warn("train.parallel.cpu_offload has no effect on CPU (parameters already live in host memory)",
+                          stacklevel=2)
+        return OffloadPolicy()
+    # Pinned host memory: the copies to and from the GPU run asynchronously.
+    return CPUOffloadPolicy(pin_memory=True)
+
+
+def apply_fsdp(model: nn.Module, mesh, *, reshard_after_forward: bool, mp_policy: MixedPrecisionPolicy | None,
+               offload: OffloadPolicy) -> nn.Module:
+    """Shard a Baichuan model (or a pipeline chunk of one: any of `embed_tokens`, `norm`, `lm_head`
+    may be None and `layers` may hold a subset) over `mesh`, bottom-up: each decoder layer, the
+    embedding, norm + head as one unit, then the root. A 1-D mesh gives FSDP, a 2-D mesh
+    (replicate, shard) gives HSDP. Returns `model`, now an FSDPModule (sharded in place)."""
+    kw: dict[str, Any] = {"mesh": mesh, "offload_policy": offload}
+    if mp_policy is not None:
+        kw["mp_policy"] = mp_policy
+    inner = model.model
+    if inner.embed_tokens is not None:
+        fully_shard(inner.embed_tokens, reshard_after_forward=reshard_after_forward, **kw)
+    for layer in inner.layers.values():
+        fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
+    tail = [m for m in (inner.norm, model.lm_head) if m is not None]
+    if tail:
+        # Backward starts with the head: resharding it after forward would only make the first
+        # backward op wait for an all-gather of the largest unit.
+        fully_shard(tail, reshard_after_forward=False, **kw)
+    fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
+    return model
+
+
+class FSDPParallel(Parallelized):
+    """`fsdp` over the ("dp",) mesh, `hsdp` over ("dp_replicate", "dp_shard"). With world size 1
+    (no process group) the model runs unwrapped: there is nothing to shard across."""
+
+    def __init__(self, model: nn.Module, *, dims: ParallelDims, device: torch.device, dp_rank: int,
+                 z_loss_weight: float, mp_policy: MixedPrecisionPolicy | None) -> None:
+        self.model = model
+        self.modules = [model]
+        self.dims = dims
+        self.device = device
+        self.dp_rank = dp_rank
+        self.dp_size = dims.dp
+        self.has_loss = True
+        self.z_loss_weight = z_loss_weight
+        self.mp_policy = mp_policy
+
+    @classmethod
+    def build(cls, model: nn.Module, *, dims: ParallelDims, mesh: Any, cfg: "TrainConfig",
+              device: torch.device, z_loss_weight: float) -> "FSDPParallel":
+        assert dims.strategy in ("fsdp", "hsdp") and dims.pp == 1, dims
+        pcfg = cfg.parallel
+        if mesh is None:
+            assert dims.world_size == 1, dims
+            return cls(model, dims=dims, device=device, dp_rank=0, z_loss_weight=z_loss_weight, mp_policy=None)
+        mp = mixed_precision_policy(device, pcfg.mixed_precision)
+        apply_fsdp(model, mesh, reshard_after_forward=pcfg.reshard_after_forward, mp_policy=mp,
+                   offload=offload_policy(device, pcfg.cpu_offload))
+        if dims.strategy == "hsdp":
+            # Replicas outermost: rank (r, s) reads data slice r·shard + s, every rank its own.
+            dp_rank = mesh.get_local_rank("dp_replicate") * dims.dp_shard_in_node + mesh.get_local_rank("dp_shard")
+        else:
+            dp_rank = mesh.get_local_rank("dp")
+        return cls(model, dims=dims, device=device, dp_rank=dp_rank, z_loss_weight=z_loss_weight, mp_policy=mp)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        # The mixed-precision policy already runs the layers in bf16; autocast on top would only
+        # add casts.
+        if self.mp_policy is not None:
+            return contextlib.nullcontext()
+        return super().autocast()
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], loss_scale: float, sync: bool) -> tuple[torch.Tensor, int]:
+        n_tokens = target_tokens(batch)
+        batch = to_device(batch, self.device)
+        if isinstance(self.model, FSDPModule):
+            # While accumulating, skip the reduce-scatter (and HSDP's all-reduce): the unsharded
+            # gradients accumulate locally and are reduced once, with the last micro-batch.
+            self.model.set_requires_gradient_sync(sync)
+        with self.autocast():
+            logits = self.model(batch["input_ids"], batch["attention_mask"])
+            loss_sum, _ = causal_lm_loss(logits, batch["labels"], self.z_loss_weight)
+        (loss_sum * loss_scale).backward()
+        return loss_sum.detach(), n_tokens
+
+    @torch.no_grad()
+    def eval_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        n_tokens = target_tokens(batch)
+        batch = to_device(batch, self.device)
+        with self.autocast():
+            logits = self.model(batch["input_ids"], batch["attention_mask"])
+            loss_sum, _ = causal_lm_loss(logits, batch["labels"], self.z_loss_weight)
+        return loss_sum.detach(), n_tokens
+
+    # State dicts: the base class's DCP helpers on the root. FSDP2 adds no name prefixes, so keys
+    # are the published ones; sharded DTensors go to DCP as they are (each rank writes its shard)
+    # and the export gathers full tensors to rank 0.

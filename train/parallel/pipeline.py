@@ -1,0 +1,411 @@
+"""Pipeline parallel (torch.distributed.pipelining), optionally × data parallel inside each stage.
+
+Layout. The ("pp", "dp") mesh: `pp` ranks hold consecutive parts of the model, and each part is
+replicated (DDP) or sharded (FSDP, `parallel.dp_shard`) over the `dp` ranks of its stage. The
+layers are cut by `launcher.planner.split_layers` (parameters + FLOPs balanced, embedding on the
+first stage, norm + head on the last), the very function the planner predicts with. With
+`interleaved_1f1b` each rank holds `stages_per_rank` virtual stages: the model is cut into
+pp × stages_per_rank parts and part k lives on rank k mod pp (the placement the schedule expects).
+
+What a step does. The loop hands every rank of a data-parallel replica the same micro-batch (the
+`Parallelized` contract). `forward_backward` runs it as one schedule step: the batch is split on
+dim 0 into `microbatches` pipeline micro-batches (default 2·pp). Each stage takes:
+  * input_ids (first stage only) as the positional input;
+  * attention_mask as a keyword argument on *every* stage: all ranks of a replica have the batch
+    locally, so each stage rebuilds its own mask and RoPE positions from it and nothing but the
+    hidden states crosses the stage boundary;
+  * labels (last stage only) as the schedule's target.
+The loss of a pipeline micro-batch is `causal_lm_loss` sum × loss_scale, summed (not averaged:
+`scale_grads=False`) over the micro-batches, so the gradients equal those of the whole batch
+normalised by the loop's global token count, exactly as in DDP.
+
+Fixed shapes. A schedule's receive buffers are sized once, so every pipeline micro-batch of a
+step must have the same shape, and each shape gets its own stages and schedule. The batch is
+padded on the right to a size ladder (16, 24, 32, 48, 64, 96, … tokens, never beyond
+`data.max_length`) and to a multiple of `microbatches` rows, with pad tokens, mask 0 and label
+-100: padded rows and columns add nothing to the loss or the gradients, the real tokens' outputs
+are unchanged (causal mask + key mask), and the number of distinct schedules stays logarithmic in
+the length instead of one per batch. Shapes are given to `PipelineStage` up front (static mode),
+so a new shape costs no extra forward. Hidden states cross stages in fp32 whatever the compute
+dtype (a fixed dtype for the static shapes; they are the residual stream, kept in fp32 anyway).
+
+Loss for logging. Only the last stage computes a loss; the other ranks return 0. The loop sums
+the returned loss over all ranks (its logging all-reduce) and divides by the global token count,
+so the logged loss is right on rank 0 without any pipeline-specific code in the loop.
+
+Gradient accumulation (`grad_accum` > 1) runs one schedule step per loop micro-batch; the
+data-parallel reduction then happens after each of them (the pipelining runtime always
+synchronises at the end of a schedule step). Correct, but prefer more `microbatches` over
+`grad_accum` with pipelines: that also shrinks the bubble, (pp − 1)/(m + pp − 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+from torch.distributed.tensor import DTensor
+
+from launcher.errors import ConfigError
+from launcher.planner import ModelDims, split_layers
+from train.models.baichuan import IGNORE_INDEX, PAD_ID, BaichuanConfig, BaichuanForCausalLM, causal_lm_loss
+from train.parallel.base import ParallelDims, Parallelized, target_tokens
+from train.parallel.ddp import apply_ddp, to_device
+from train.parallel.fsdp import apply_fsdp, mixed_precision_policy, offload_policy
+
+if TYPE_CHECKING:
+    from launcher.config import ParallelConfig, TrainConfig
+
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
+
+
+# ------------------------------------------------------------------------------ cutting the model
+def model_dims(cfg: BaichuanConfig) -> ModelDims:
+    """The planner's view of a model config (the split must be the planner's own)."""
+    return ModelDims(n_layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, ffn=cfg.intermediate_size,
+                     heads=cfg.num_attention_heads, vocab=cfg.vocab_size, position=cfg.position)
+
+
+def stages_per_rank(pcfg: "ParallelConfig") -> int:
+    """Virtual stages per rank: `stages_per_rank` for the interleaved schedule, else 1."""
+    return pcfg.stages_per_rank if pcfg.schedule == "interleaved_1f1b" else 1
+
+
+def num_microbatches(pcfg: "ParallelConfig", pp: int) -> int:
+    return pcfg.microbatches or 2 * pp
+
+
+def check_pipeline(pcfg: "ParallelConfig", pp: int, n_layers: int) -> None:
+    """User errors the schedules would otherwise report deep inside torch, as one line each."""
+    v = stages_per_rank(pcfg)
+    m = num_microbatches(pcfg, pp)
+    if pp * v > n_layers:
+        raise ConfigError(
+            f"train.parallel: {pp} stages x {v} virtual stages per rank need at least {pp * v} decoder layers, "
+            f"the model has {n_layers}; lower pp or stages_per_rank"
+        )
+    if pcfg.schedule == "1f1b" and m < pp:
+        raise ConfigError(f"train.parallel.microbatches={m}: the 1f1b schedule needs at least pp={pp} micro-batches")
+    if pcfg.schedule == "interleaved_1f1b":
+        rounds = max(1, m // pp)
+        if m % rounds:
+            raise ConfigError(
+                f"train.parallel.microbatches={m}: interleaved_1f1b needs a multiple of max(1, microbatches // pp)="
+                f"{rounds}; use a multiple of pp={pp}"
+            )
+
+
+class PipelineChunk(nn.Module):
+    """One (virtual) stage: the embedding, a run of decoder layers and/or norm + head of a Baichuan
+    model, under the published attribute names (`model.layers.7...`), so its parameter names are
+    the hub's. It shares its submodules with the model it was cut from."""
+
+    def __init__(self, full: BaichuanForCausalLM, layers: range, *, first: bool, last: bool) -> None:
+        super().__init__()
+        self.config = full.config
+        self.model = nn.Module()
+        self.model.embed_tokens = full.model.embed_tokens if first else None
+        self.model.layers = nn.ModuleDict({str(i): full.model.layers[str(i)] for i in layers})
+        self.model.norm = full.model.norm if last else None
+        self.lm_head = full.lm_head if last else None
+        self.is_last = last
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # The model's own forward: it skips the parts set to None.
+        out = BaichuanForCausalLM.forward(self, x, attention_mask)  # type: ignore[arg-type]
+        # Hidden states leave in fp32 so the static p2p shapes do not depend on the compute dtype.
+        return out if self.is_last else out.float()
+
+
+def build_pipeline_stages(model: BaichuanForCausalLM, pp_rank: int, pp: int, stages_per_rank: int,
+                          split: list[range]) -> tuple[list[PipelineChunk], list[int]]:
+    """Cut `model` for pipeline rank `pp_rank`: `split` holds the layer range of each of the
+    pp × stages_per_rank stages; stage k lives on rank k mod pp. Returns this rank's chunks and
+    their stage indices, in stage order.
+
+    `model` itself keeps only this rank's parts: the other layers are deleted from
+    `model.model.layers` (the remaining keys keep their published indices, so checkpoint keys
+    never change) and the embedding / norm / head are set to None where another rank holds them.
+    It is the state-dict view of this rank; the chunks share its submodules."""
+    n_stages = pp * stages_per_rank
+    assert len(split) == n_stages and all(len(r) for r in split), (split, n_stages)
+    mine = [k for k in range(n_stages) if k % pp == pp_rank]
+    chunks = [PipelineChunk(model, split[k], first=k == 0, last=k == n_stages - 1) for k in mine]
+    keep = {str(i) for k in mine for i in split[k]}
+    for key in [k for k in model.model.layers.keys() if k not in keep]:
+        del model.model.layers[key]
+    if 0 not in mine:
+        model.model.embed_tokens = None
+    if n_stages - 1 not in mine:
+        model.model.norm = None
+        model.lm_head = None
+    return chunks, mine
+
+
+# ------------------------------------------------------------------------------ fixed shapes
+def bucket_length(n: int, cap: int) -> int:
+    """The smallest of 16, 24, 32, 48, 64, 96, … that holds `n` tokens, but at most max(n, cap):
+    at most 1.5x padding, and few distinct shapes (each costs a schedule and its buffers)."""
+    b = 16
+    while True:
+        for size in (b, b * 3 // 2):
+            if size >= n:
+                return max(n, min(size, cap))
+        b *= 2
+
+
+def pad_batch(batch: dict[str, torch.Tensor], rows: int, seq: int) -> dict[str, torch.Tensor]:
+    """Right-pad to [rows, seq]: pad ids, attention_mask 0, labels -100 (no loss, no gradient)."""
+    fills = {"input_ids": PAD_ID, "attention_mask": 0, "labels": IGNORE_INDEX}
+    out = {}
+    for key, fill in fills.items():
+        t = batch[key]
+        if t.shape == (rows, seq):
+            out[key] = t
+            continue
+        padded = t.new_full((rows, seq), fill)
+        padded[: t.shape[0], : t.shape[1]] = t
+        out[key] = padded
+    return out
+
+
+class _Shape:
+    """The stages and the schedule of one micro-batch shape."""
+
+    def __init__(self, stages: list[PipelineStage], schedule: Any) -> None:
+        self.stages = stages
+        self.schedule = schedule
+        self.used = False
+
+
+# ------------------------------------------------------------------------------ the strategy
+class PipelineParallel(Parallelized):
+    def __init__(self, model: BaichuanForCausalLM, chunks: list[PipelineChunk], wrapped: list[nn.Module], *,
+                 stage_ids: list[int], n_stages: int, dims: ParallelDims, mesh: Any, cfg: "TrainConfig",
+                 device: torch.device, z_loss_weight: float, mp_policy: Any) -> None:
+        self.model = model  # this rank's parts under published names: state dicts
+        self.chunks = chunks  # bare stage modules: eval forward
+        self.modules = wrapped  # what the schedules run (DDP / FSDP / bare)
+        self.stage_ids = stage_ids
+        self.n_stages = n_stages
+        self.dims = dims
+        self.mesh = mesh
+        self.device = device
+        self.pp_group = mesh["pp"].get_group()
+        self.pp_rank = mesh["pp"].get_local_rank()
+        self.dp_rank = mesh["dp"].get_local_rank()
+        self.dp_size = dims.dp
+        self.has_first = 0 in stage_ids
+        self.has_loss = n_stages - 1 in stage_ids
+        self.z_loss_weight = z_loss_weight
+        self.mp_policy = mp_policy
+        self.fsdp = cfg.parallel.dp_shard and dims.dp > 1
+        self.schedule_name = cfg.parallel.schedule
+        self.n_micro = num_microbatches(cfg.parallel, dims.pp)
+        self.max_length = cfg.data.max_length
+        self.config: BaichuanConfig = model.config
+        self._shapes: dict[tuple[int, int], _Shape] = {}
+        self._loss_scale = 1.0
+
+    @classmethod
+    def build(cls, model: nn.Module, *, dims: ParallelDims, mesh: Any, cfg: "TrainConfig",
+              device: torch.device, z_loss_weight: float) -> "PipelineParallel":
+        assert dims.strategy == "pipeline" and dims.pp >= 2 and mesh is not None, dims
+        pcfg = cfg.parallel
+        mcfg: BaichuanConfig = model.config
+        check_pipeline(pcfg, dims.pp, mcfg.num_hidden_layers)
+        v = stages_per_rank(pcfg)
+        split = split_layers(model_dims(mcfg), dims.pp * v)
+        chunks, stage_ids = build_pipeline_stages(model, mesh["pp"].get_local_rank(), dims.pp, v, split)
+        mp = None
+        if dims.dp == 1:
+            wrapped: list[nn.Module] = list(chunks)
+        elif pcfg.dp_shard:
+            mp = mixed_precision_policy(device, pcfg.mixed_precision)
+            # The schedule keeps the stage gathered across a step's micro-batches (it turns
+            # resharding after backward off until the step ends); resharding after each forward
+            # would only add an all-gather per micro-batch.
+            wrapped = [apply_fsdp(c, mesh["dp"], reshard_after_forward=False, mp_policy=mp,
+                                  offload=offload_policy(device, pcfg.cpu_offload)) for c in chunks]
+        else:
+            wrapped = [apply_ddp(c, group=mesh["dp"].get_group(), device=device) for c in chunks]
+        return cls(model, chunks, wrapped, stage_ids=stage_ids, n_stages=dims.pp * v, dims=dims, mesh=mesh,
+                   cfg=cfg, device=device, z_loss_weight=z_loss_weight, mp_policy=mp)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.mp_policy is not None:  # FSDP's policy already computes in bf16
+            return contextlib.nullcontext()
+        return super().autocast()
+
+    def _bf16_compute(self) -> bool:
+        return self.device.type == "cuda" and self.mixed_precision != "fp32"
+
+    # -------------------------------------------------------------- schedules, one per shape
+    def _loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss_sum, _ = causal_lm_loss(logits, labels, self.z_loss_weight)
+        return loss_sum * self._loss_scale
+
+    def _shape(self, rows: int, seq: int) -> _Shape:
+        """Stages and schedule for pipeline micro-batches of [rows, seq], built on first use."""
+        key = (rows, seq)
+        if key in self._shapes:
+            return self._shapes[key]
+        h, vocab = self.config.hidden_size, self.config.vocab_size
+        meta = torch.device("meta")
+        ids = torch.empty(rows, seq, dtype=torch.long, device=meta)
+        # requires_grad on the hidden states: stages send their input gradients back.
+        hidden = torch.empty(rows, seq, h, dtype=torch.float32, device=meta, requires_grad=True)
+        logit_dtype = torch.bfloat16 if self._bf16_compute() else torch.float32
+        logits = torch.empty(rows, seq, vocab, dtype=logit_dtype, device=meta, requires_grad=True)
+        stages = [
+            PipelineStage(module, k, self.n_stages, self.device,
+                          input_args=(ids if k == 0 else hidden,),
+                          output_args=(logits if k == self.n_stages - 1 else hidden,),
+                          group=self.pp_group)
+            for module, k in zip(self.modules, self.stage_ids)
+        ]
+        cls = SCHEDULES[self.schedule_name]
+        # Sum, do not average, over micro-batches: the loss is already normalised by the loop.
+        if cls is ScheduleInterleaved1F1B:
+            schedule = cls(stages, self.n_micro, loss_fn=self._loss_fn, scale_grads=False)
+        else:
+            schedule = cls(stages[0], self.n_micro, loss_fn=self._loss_fn, scale_grads=False)
+        self._shapes[key] = _Shape(stages, schedule)
+        return self._shapes[key]
+
+    def _fixed_shape(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int, int]:
+        b, s = batch["input_ids"].shape
+        rows = math.ceil(b / self.n_micro)
+        seq = bucket_length(s, self.max_length)
+        return pad_batch(batch, rows * self.n_micro, seq), rows, seq
+
+    # -------------------------------------------------------------- training and eval
+    def forward_backward(self, batch: dict[str, torch.Tensor], loss_scale: float, sync: bool) -> tuple[torch.Tensor, int]:
+        n_tokens = target_tokens(batch)
+        padded, rows, seq = self._fixed_shape(batch)
+        padded = to_device(padded, self.device)
+        shape = self._shape(rows, seq)
+        self._loss_scale = loss_scale
+        losses: list[torch.Tensor] = []
+        # The first step of a new schedule clears FSDP gradients (the pipelining runtime's
+        # clean-up after its set-up): keep those accumulated by earlier micro-batches of this step.
+        saved = None
+        if not shape.used and self.fsdp:
+            saved = [(p, p.grad) for p in self.parameters() if p.grad is not None]
+        args = (padded["input_ids"],) if self.has_first else ()
+        kwargs = {"attention_mask": padded["attention_mask"]}
+        target = padded["labels"] if self.has_loss else None
+        with self.autocast():
+            shape.schedule.step(*args, target=target, losses=losses if self.has_loss else None,
+                                return_outputs=False, **kwargs)
+        shape.used = True
+        if saved:
+            for p, g in saved:
+                p.grad = g if p.grad is None else p.grad + g
+        if self.has_loss:
+            loss_sum = torch.stack([x.detach().float() for x in losses]).sum() / loss_scale
+        else:
+            loss_sum = torch.zeros((), device=self.device)
+        return loss_sum, n_tokens
+
+    @torch.no_grad()
+    def eval_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """Forward only, stage after stage (no schedule: eval needs no overlap, and its batches
+        need no fixed shapes). Hidden states go point-to-point to the next stage's rank."""
+        n_tokens = target_tokens(batch)
+        batch = to_device(batch, self.device)
+        mask = batch["attention_mask"]
+        b, s = batch["input_ids"].shape
+        loss_sum = torch.zeros((), device=self.device)
+        x: torch.Tensor | None = None
+        # Bare chunks: DDP's hooks have nothing to do without gradients (an FSDP chunk is the
+        # sharded module itself and gathers its parameters as usual).
+        mine = dict(zip(self.stage_ids, self.chunks))
+        pp = self.dims.pp
+        with self.autocast():
+            for k in range(self.n_stages):
+                if k not in mine:
+                    continue
+                if k == 0:
+                    x = batch["input_ids"]
+                else:  # the previous stage is always on another rank (pp >= 2)
+                    x = torch.empty(b, s, self.config.hidden_size, dtype=torch.float32, device=self.device)
+                    dist.recv(x, group=self.pp_group, group_src=(k - 1) % pp)
+                y = mine[k](x, mask)
+                if k == self.n_stages - 1:
+                    loss_sum, _ = causal_lm_loss(y, batch["labels"], self.z_loss_weight)
+                else:
+                    dist.send(y.contiguous(), group=self.pp_group, group_dst=(k + 1) % pp)
+        return loss_sum.detach(), n_tokens
+
+    def clip_grad_norm_(self, max_norm: float | None) -> float:
+        """Global 2-norm over every stage: each rank's squared norm (reduced over its FSDP shards
+        first), summed over the pp group; replicated DDP gradients are counted once."""
+        params = [p for p in self.parameters() if p.grad is not None]
+        grads = [p.grad for p in params]
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads, 2.0)
+            if isinstance(norm, DTensor):
+                norm = norm.full_tensor()
+        else:
+            norm = torch.zeros((), device=self.device)
+        sq = norm.double().pow(2).reshape(1)
+        dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.pp_group)
+        total = sq.sqrt().reshape(())
+        if max_norm is not None and params:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.float())
+        return float(total)
+
+    # -------------------------------------------------------------- state dicts
+    # `self.model` holds exactly this rank's parameters under published names: the base class's
+    # DCP helpers save and load them as they are (identical names under every strategy, so a
+    # pipeline checkpoint loads into ddp/fsdp and back).
+    def _single_module(self) -> nn.Module:
+        return self.model
+
+    def full_state_dict_for_export(self) -> dict[str, torch.Tensor] | None:
+        """Every stage's full tensors on global rank 0 (CPU); None elsewhere. Collective: FSDP
+        shards are gathered within each stage, then the first rank of each stage's dp group sends
+        its tensors to rank 0 one at a time (never a whole pickled stage in memory)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        local: dict[str, torch.Tensor] = {}
+        for name, value in get_model_state_dict(self.model).items():
+            if isinstance(value, DTensor):
+                value = value.full_tensor()  # collective over this stage's dp group
+            if self.dp_rank == 0:
+                local[name] = value.detach().to("cpu", copy=True)
+        rank = dist.get_rank()
+        ranks = self.mesh.mesh  # [pp, dp] global ranks
+        if rank == 0:
+            full = dict(local)
+            for r in range(1, self.dims.pp):
+                src = int(ranks[r, 0])
+                box: list[Any] = [None]
+                dist.recv_object_list(box, src=src, device=torch.device("cpu"))
+                for name, shape, dtype in box[0]:
+                    t = torch.empty(shape, dtype=dtype)
+                    dist.recv(t, src=src)
+                    full[name] = t
+            return dict(sorted(full.items(), key=lambda kv: _hub_order(kv[0])))
+        if self.dp_rank == 0:
+            meta = [(name, tuple(t.shape), t.dtype) for name, t in local.items()]
+            dist.send_object_list([meta], dst=0, device=torch.device("cpu"))
+            for t in local.values():
+                dist.send(t.contiguous(), dst=0)
+        return None
+
+
+def _hub_order(name: str) -> tuple[int, int]:
+    """Embedding, layers by index, then norm and head: the model's own state-dict order (the sort
+    is stable, so the names inside a layer keep the module's order)."""
+    if name.startswith("model.embed_tokens"):
+        return (0, 0)
+    if name.startswith("model.layers."):
+        return (1, int(name.split(".")[2]))
+    return (2, 0)
