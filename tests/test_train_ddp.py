@@ -6,11 +6,11 @@ import math
 
 import pytest
 
-from launcher.config import ParallelConfig
+from launcher.config import ParallelConfig, validate
 from launcher.errors import ConfigError
 from tests.helpers import read_eval_metrics, read_metrics, run_train, write_job
 from train.loop import lr_factor
-from train.parallel.base import ParallelDims
+from train.parallel.base import ParallelDims, resolve_auto
 
 
 # ------------------------------------------------------------------------------ pure checks
@@ -20,7 +20,11 @@ def test_parallel_dims_ddp_and_pipeline():
     assert (dims.dp, dims.pp) == (4, 2) and dims.mesh_shape() == ((2, 4), ("pp", "dp"))
     hsdp = ParallelDims.from_config(ParallelConfig(strategy="hsdp"), 16, 8)
     assert (hsdp.dp_replicate, hsdp.dp_shard_in_node) == (2, 8)
-    assert ParallelDims.from_config(ParallelConfig(strategy="auto"), 4, 4).strategy == "ddp"
+
+    job = validate({"train": {"model": {"init": {}}, "parallel": {"strategy": "auto"}}})
+    resolved, why = resolve_auto(job, 2, 2, has_gpu=False)
+    assert resolved.train.parallel.strategy in ("ddp", "fsdp") and why.startswith("parallel auto: ")
+    assert resolve_auto(resolved, 2, 2, has_gpu=False) == (resolved, None)
 
 
 @pytest.mark.parametrize(

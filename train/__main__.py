@@ -26,11 +26,14 @@ def main(argv: list[str] | None = None) -> None:
     code, clean = 1, False
     try:
         job = load_config(args.config, args.overrides)
-        from train.parallel.base import ParallelDims  # torch: only once the config is known good
+        from train.parallel.base import ParallelDims, resolve_auto  # torch: once the config is good
 
         # Before the rendezvous: a bad layout is one line, not a hang or a NCCL error.
-        dims = ParallelDims.from_config(job.train.parallel, env.world_size, env.local_world_size)
         device = D.select_device(job.train.device, env.local_rank)
+        job, why = resolve_auto(job, env.world_size, env.local_world_size, device.type == "cuda")
+        if why and env.is_rank0:
+            print(why, file=sys.stderr, flush=True)
+        dims = ParallelDims.from_config(job.train.parallel, env.world_size, env.local_world_size)
         D.set_cpu_threads(env, device)
         D.init_process_group(env, device)
         from train.loop import train

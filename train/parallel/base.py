@@ -40,7 +40,7 @@ from launcher.errors import ConfigError
 from train.models.baichuan import IGNORE_INDEX
 
 if TYPE_CHECKING:
-    from launcher.config import ParallelConfig, TrainConfig
+    from launcher.config import JobConfig, ParallelConfig, TrainConfig
 
 # strategy name → "module:Class"; imported lazily so an unused strategy costs nothing.
 STRATEGIES: dict[str, str] = {
@@ -77,10 +77,7 @@ class ParallelDims:
         (torchrun sets WORLD_SIZE and LOCAL_WORLD_SIZE), so a bad layout fails in one line
         before any rendezvous."""
         strategy = pcfg.strategy
-        if strategy == "auto":
-            # The planner's choice needs the model size and GPU memory; until it is wired in
-            # here, `auto` means the strategy that needs no extra degrees.
-            strategy = "pipeline" if pcfg.pp > 1 else "ddp"
+        assert strategy != "auto", "resolve `auto` first (resolve_auto)"
         pp = pcfg.pp
         if strategy != "pipeline" and pp != 1:
             raise ConfigError(
@@ -116,6 +113,23 @@ class ParallelDims:
         if self.strategy == "hsdp":
             return (self.dp_replicate, self.dp_shard_in_node), ("dp_replicate", "dp_shard")
         return (self.dp,), ("dp",)
+
+
+def resolve_auto(job: "JobConfig", world_size: int, nproc_per_node: int, has_gpu: bool) -> tuple["JobConfig", str | None]:
+    """`strategy: auto` → the planner's choice for this very world, as `mlaunch run` would write
+    it into the resolved config (which it does before launching: ranks see `auto` only when
+    `python -m train` or torchrun is started by hand). Returns (job, one-line reason or None)."""
+    if job.train.parallel.strategy != "auto":
+        return job, None
+    from launcher import autoplan
+
+    nnodes = max(1, world_size // nproc_per_node)
+    # Plan for the world that actually started, not for what the YAML's launch section says.
+    sized = job.model_copy(deep=True)
+    sized.launch.nproc_per_node = nproc_per_node
+    gpus = {i: nproc_per_node if has_gpu else 0 for i in range(nnodes)}
+    resolved, decision = autoplan.resolve_parallel(sized, standalone=nnodes == 1, gpus=gpus)
+    return resolved, f"parallel auto: {resolved.train.parallel.strategy} ({decision.reason})"
 
 
 def target_tokens(batch: dict[str, torch.Tensor]) -> int:
