@@ -38,7 +38,7 @@ def test_missing_config_file_exit_2(tmp_path):
 
 
 def test_alone_without_torchrun_trains_and_exports(tmp_path):
-    cfg = write_job(tmp_path, max_steps=3, checkpoint={"every_steps": 2})
+    cfg = write_job(tmp_path, max_steps=3, checkpoint={"every_steps": 2}, tensorboard=True)
     result = run_train(cfg, timeout=60)
     assert result.returncode == 0, result.stderr
     run = tmp_path / "run"
