@@ -53,6 +53,20 @@ def test_predicted_state_bytes_match_held_bytes(tmp_path, world):
             assert r["measured"] < 0.8 * full, r
 
 
+@pytest.mark.slow
+def test_gpu_check_cpu_smoke_retries_after_oom(tmp_path):
+    """benchmarks/gpu_check.py in its CPU mode: the planner comparison and the OOM retry run (one
+    simulated OOM halves the micro-batch), and the last line is the JSON of every figure."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--cpu-smoke", "--simulate-oom", "1"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert figures["micro_batch"] == 1 and len(figures["oom_retries"]) == 1
+    assert figures["finite"] and figures["tokens_per_s"] > 0 and figures["steps_timed"] >= 1
+    assert figures["predicted_allocated_bytes"] > 0 and figures["flops_per_token"] > 6 * figures["params"]
+
+
 # ============================================================================== worker side
 def _layouts(world: int):
     """(name, ParallelDims, train.parallel settings, planner strategy, planner degrees)."""
