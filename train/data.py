@@ -188,7 +188,7 @@ def _bad_value(value: Any) -> str | None:
     return None
 
 
-def drop_bad_rows(ds: datasets.Dataset, cfg: DataConfig, source: str) -> tuple[datasets.Dataset, int]:
+def drop_bad_rows(ds: datasets.Dataset, cfg: DataConfig, source: str, *, quiet: bool = False) -> tuple[datasets.Dataset, int]:
     """Rows whose template fields are missing/None/empty/non-text: dropped and counted
     (`bad_rows: skip`), or a ConfigError naming the first one (`bad_rows: error`)."""
     template = PromptTemplate.parse(cfg.template)
@@ -210,7 +210,9 @@ def drop_bad_rows(ds: datasets.Dataset, cfg: DataConfig, source: str) -> tuple[d
                           f"or set train.data.bad_rows: skip ({len(bad)} bad row(s) in all)")
     if bad:
         i, f, col, reason = first  # type: ignore[misc]
-        log.warning("skipped %d bad row(s) of %s (first: row %d, field `%s` %s)", len(bad), source, i, f, reason)
+        # Said once per job (global rank 0), not once per rank and per pass over the rows.
+        if not quiet and os.environ.get("RANK", "0") == "0":
+            log.warning("skipped %d bad row(s) of %s (first: row %d, field `%s` %s)", len(bad), source, i, f, reason)
         bad_set = set(bad)
         ds = ds.select([i for i in range(len(ds)) if i not in bad_set])
     return ds, len(bad)
@@ -447,7 +449,7 @@ def training_texts(cfg: TrainConfig) -> list[str]:
     """The formatted texts of the training split (what a bootstrapped tokenizer is trained on)."""
     source, _, rows = _source_identity(cfg.data)
     rows = load_rows(cfg.data) if rows is None else rows
-    clean, _ = drop_bad_rows(rows, cfg.data, source)
+    clean, _ = drop_bad_rows(rows, cfg.data, source, quiet=True)
     train_idx, _ = split_indices(len(clean), cfg.data.eval_fraction, cfg.seed)
     template = PromptTemplate.parse(cfg.data.template)
     columns = {f: column_for(f, cfg.data, clean.column_names) for f in template.fields}
