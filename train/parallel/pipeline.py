@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -224,6 +225,9 @@ class PipelineParallel(Parallelized):
         chunks, stage_ids = build_pipeline_stages(model, mesh["pp"].get_local_rank(), dims.pp, v, split)
         mp = None
         if dims.dp == 1:
+            if pcfg.dp_shard and dist.get_rank() == 0:
+                warnings.warn("train.parallel.dp_shard has no effect: every pipeline stage has a single data-parallel "
+                              "rank (world size == pp)", stacklevel=2)
             wrapped: list[nn.Module] = list(chunks)
         elif pcfg.dp_shard:
             mp = mixed_precision_policy(device, pcfg.mixed_precision)
