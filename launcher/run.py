@@ -64,7 +64,20 @@ def build_plan(
         python=sys.executable if local else None,
         parallel=autoplan.summary(cfg, decision),
     )
+    _check_layout(the_plan)
     return the_plan, decision
+
+
+def _check_layout(the_plan: Plan) -> None:
+    """The parallel degrees against the planned world: a bad layout is one line here, before any
+    node is touched (the ranks check again with the world that actually started)."""
+    from train.parallel.dims import ParallelDims  # torch-free
+
+    assert the_plan.resolved is not None
+    nprocs = {n.nproc_per_node for n in the_plan.nodes}
+    elastic = the_plan.rendezvous is not None and ":" in the_plan.rendezvous.nnodes
+    if len(nprocs) == 1 and not elastic:
+        ParallelDims.from_config(the_plan.resolved.train.parallel, the_plan.world_size, nprocs.pop())
 
 
 def local_gpu_count() -> int:

@@ -111,3 +111,14 @@ def test_standalone_plan_uses_this_python() -> None:
     argv = plan.nodes[0].argv
     assert argv[:4] == [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     assert argv[argv.index("--nproc-per-node") + 1] == "2" and argv[-3:] == ["-m", "train", "runs/tiny/config.yaml"]
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    (["train.parallel.strategy=pipeline", "train.parallel.pp=3"], "does not divide the world size 2"),
+    (["train.parallel.pp=2"], "need `strategy: pipeline`"),
+])
+def test_bad_parallel_layout_fails_before_anything_runs(overrides: list[str], fragment: str) -> None:
+    args = [a for o in overrides for a in ("--set", o)]
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", "plan", "configs/tiny.yaml", *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 2 and fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
