@@ -151,7 +151,8 @@ def run_standalone(cfg: JobConfig) -> int:
         (out / "logs" / "run.json").write_text(json.dumps(
             {"run_id": the_plan.run_id, "nodes": {"local": {"host": "localhost", "pid": proc.pid, "sid": proc.pid}}}, indent=2))
         quiet = threading.Event()
-        pump = threading.Thread(target=_pump, args=(proc.stdout, log, quiet), daemon=True)
+        errors: list[str] = []
+        pump = threading.Thread(target=_pump, args=(proc.stdout, log, quiet, errors), daemon=True)
         pump.start()
         while proc.poll() is None and not stop.event.is_set():
             stop.event.wait(0.2)
@@ -169,7 +170,9 @@ def run_standalone(cfg: JobConfig) -> int:
         _say(f"stopped: no process of run {the_plan.run_id} is left; torchrun's shutdown output is in {out / 'logs' / 'local.log'}")
         return stop.exit_code
     if code != 0:
-        _say(f"torchrun exited with code {code}; full log: {out / 'logs' / 'local.log'}")
+        # torchrun's failure report is long; say first what went wrong, in the rank's own words.
+        cause = f": {errors[0]}" if errors else ""
+        _say(f"run failed (torchrun exit code {code}){cause}; full log: {out / 'logs' / 'local.log'}")
     return code
 
 
@@ -185,8 +188,15 @@ def _terminate(proc: subprocess.Popen, grace: float) -> None:
         pass
 
 
-def _pump(stream: Any, log: Any, quiet: threading.Event) -> None:
+def _pump(stream: Any, log: Any, quiet: threading.Event, errors: list[str]) -> None:
     for line in iter(stream.readline, b""):
+        # A rank's one-line user error (train/__main__.py), or the same error as torchrun's failure
+        # summary quotes it from the rank's error file (the only copy when --local-ranks-filter
+        # hides that rank).
+        text = line.decode(errors="replace").strip()
+        for marker in ("error: ", "launcher.errors.ConfigError: "):
+            if text.startswith(marker):
+                errors.append(text[len(marker):])
         log.write(line)
         log.flush()
         if not quiet.is_set():

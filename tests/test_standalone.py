@@ -58,3 +58,15 @@ def test_sigint_stops_everything_and_exits_130(tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 30
     assert "Traceback" not in stderr.split("stopping run")[0]
     assert run_processes(run_id) == [], "no process of the run is left"
+
+
+def test_errors_print_even_from_filtered_ranks(tmp_path: Path) -> None:
+    """`local_ranks_filter` hides rank 0's output, yet its error reaches the user: through
+    torchrun's error-file summary and mlaunch's one-line cause."""
+    out = tmp_path / "run"
+    proc = mlaunch("run", "configs/tiny.yaml", "--standalone", "--set", f"train.output_dir={out}",
+                   "--set", "launch.local_ranks_filter=[1]", "--set", "train.tokenizer.path=/nonexistent/tokenizer.model")
+    stdout, stderr = proc.communicate(timeout=180)
+    assert proc.returncode != 0
+    assert "/nonexistent/tokenizer.model does not exist" in stdout  # torchrun's root-cause summary
+    assert "run failed" in stderr and "/nonexistent/tokenizer.model does not exist" in stderr.splitlines()[-1]

@@ -44,13 +44,28 @@ def main(argv: list[str] | None = None) -> None:
         code = e.exit_code
         if env.is_rank0:
             print(f"error: {e}", file=sys.stderr)
+            _record_for_torchrun(e)
             if os.environ.get("MLAUNCH_DEBUG"):
                 traceback.print_exc()
-    except BaseException:
+    except BaseException as e:
         traceback.print_exc()
+        _record_for_torchrun(e)
         code = 1
     finally:
         D.shutdown(code, clean=clean)
+
+
+def _record_for_torchrun(e: BaseException) -> None:
+    """Write torchrun's per-worker error file: its failure summary prints it even for ranks that
+    `--local-ranks-filter` keeps quiet, so errors always reach the user."""
+    if "TORCHELASTIC_ERROR_FILE" not in os.environ:
+        return
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(e)
+    except Exception:  # reporting must never mask the original failure
+        pass
 
 
 if __name__ == "__main__":
