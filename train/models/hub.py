@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterator, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -186,6 +186,172 @@ def load_pretrained(
     model = build_empty_model(cfg, dtype=dtype, device=device)
     load_weights_into(model, path)
     return model, cfg
+
+
+# --------------------------------------------------------------------------------------
+# Loading into a sharded or cut model (FSDP/HSDP shards, pipeline stages)
+# --------------------------------------------------------------------------------------
+def checkpoint_weight_files(ckpt_dir: str | os.PathLike[str]) -> list[Path]:
+    """The weight files of a checkpoint, in load order. Raises FileNotFoundError/ValueError as
+    the loaders do, without reading any tensor: every rank can check a folder cheaply before
+    rank 0 alone starts reading it."""
+    return _weight_files(Path(ckpt_dir))
+
+
+def iter_checkpoint_files(
+    ckpt_dir: str | os.PathLike[str], names: Container[str] | None = None
+) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:
+    """Yield (file, {name: tensor}) one weight file at a time, ``rotary_emb.inv_freq`` left out.
+
+    For loaders that hand tensors on a file's worth at a time (rank 0 broadcasting to FSDP
+    shards): peak memory is one file. With ``names``, only those tensors are read (a pipeline
+    stage's share: safetensors files are then read tensor by tensor) and files holding none
+    of them yield nothing."""
+
+    def wanted(name: str) -> bool:
+        return not _IGNORED_KEY.search(name) and (names is None or name in names)
+
+    for path in _weight_files(Path(ckpt_dir)):
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                tensors = {n: f.get_tensor(n) for n in f.keys() if wanted(n)}
+        else:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            tensors = {n: t for n, t in state.items() if wanted(n)}
+            del state
+        if tensors:
+            yield path, tensors
+        del tensors  # before the next file is read: one file in memory, not two
+
+
+@torch.no_grad()
+def copy_full_(target: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy the whole (unsharded) tensor ``full`` into ``target``: a plain tensor, or a DTensor
+    (an FSDP shard) of which only this rank's part is written. No communication: every rank
+    that calls it holds ``full``. The dtype is converted on copy (bf16 checkpoint, fp32 model)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(target, DTensor):
+        # src_data_rank=None: cut the local part out of this rank's own copy (torch.chunk
+        # semantics on the sharded dims, as FSDP2 shards), instead of scattering from rank 0.
+        part = distribute_tensor(full.detach(), target.device_mesh, target.placements, src_data_rank=None)
+        target.to_local().copy_(part.to_local())
+    else:
+        target.copy_(full)
+
+
+def _check_file(
+    path: Path, tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]],
+    allow_unexpected: bool,
+) -> str | None:
+    """load_weights_into's checks for one file's tensors against the model's (global) shapes."""
+    for name, t in tensors.items():
+        if name in shapes and tuple(t.shape) != shapes[name]:
+            return (f"shape mismatch for {name}: checkpoint {tuple(t.shape)} vs model {shapes[name]} "
+                    "(wrong config.json or variant override?)")
+    unexpected = [n for n in tensors if n not in shapes]
+    if unexpected and not allow_unexpected:
+        return f"checkpoint {path.parent} does not match the model; unexpected keys: {_describe(unexpected)}"
+    return None
+
+
+def _read_error(ckpt_dir: str | os.PathLike[str], e: Exception) -> str:
+    detail = str(e).splitlines()[0] if str(e) else "no detail"
+    return f"cannot read the checkpoint in {ckpt_dir}: {type(e).__name__}: {detail}"
+
+
+def _agree_on_error(error: str | None) -> None:
+    """Collective: raise the first rank's error (ValueError) on every rank, or return."""
+    import torch.distributed as dist
+
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first:
+        raise ValueError(first)
+
+
+@torch.no_grad()
+def load_weights_distributed(
+    model: nn.Module, ckpt_dir: str | os.PathLike[str], *, broadcast_from_rank0: bool,
+    allow_unexpected: bool = False,
+) -> None:
+    """Fill a parallelised model's parameters (FSDP shards, or a pipeline rank's stages) from a
+    hub checkpoint, with ``load_weights_into``'s checks. Collective over the default group.
+
+    ``broadcast_from_rank0`` (FSDP/HSDP: every rank holds part of every tensor): only global
+    rank 0 reads the files, one at a time; each file's tensors reach the other ranks through
+    ``set_model_state_dict(..., broadcast_from_rank0=True)``, which broadcasts one tensor at a
+    time and keeps each rank's slice. Peak host memory: rank 0 one file, the others one tensor;
+    device memory: the shards plus one full tensor in flight.
+
+    Otherwise (pipeline: each rank holds other tensors) every rank reads only the tensors its
+    model has, skipping the rest, and keeps its slice where a stage is sharded over its dp ranks.
+    ``allow_unexpected`` (broadcast only) tolerates checkpoint keys the model lacks.
+
+    A problem found on any rank (missing keys, shapes, an unreadable file) raises the same
+    ValueError on every rank: a bad checkpoint is one line, not a hang in a collective."""
+    import torch.distributed as dist
+
+    targets = model.state_dict(keep_vars=True)
+    shapes = {n: tuple(t.shape) for n, t in targets.items()}  # DTensor.shape is the global shape
+    seen: set[str] = set()
+    if not broadcast_from_rank0:
+        error = None
+        try:
+            for path, tensors in iter_checkpoint_files(ckpt_dir, names=shapes):
+                error = _check_file(path, tensors, shapes, allow_unexpected=True)
+                if error:
+                    break
+                for name, t in tensors.items():
+                    copy_full_(targets[name], t)
+                seen.update(tensors)
+        except Exception as e:  # any failure to read (truncated file, SafetensorError) must reach the peers
+            error = _read_error(ckpt_dir, e)
+        missing = [n for n in shapes if n not in seen]
+        if not error and missing:
+            error = f"checkpoint {ckpt_dir} does not match the model; missing keys: {_describe(missing)}"
+        _agree_on_error(error)
+        return
+
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    # strict=False: each call carries one file's keys; completeness is checked here instead.
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    rank0 = dist.get_rank() == 0
+    files = iter_checkpoint_files(ckpt_dir) if rank0 else None
+    while True:
+        tensors: dict[str, torch.Tensor] = {}
+        error = None
+        if rank0:
+            try:
+                path, tensors = next(files, (None, {}))
+                if path is not None:
+                    error = _check_file(path, tensors, shapes, allow_unexpected)
+                    seen.update(tensors)
+                else:
+                    missing = [n for n in shapes if n not in seen]
+                    if missing:
+                        error = f"checkpoint {ckpt_dir} does not match the model; missing keys: {_describe(missing)}"
+            except Exception as e:  # any failure to read must reach the peers waiting in the broadcast
+                error = _read_error(ckpt_dir, e)
+        # Rank 0 says whether a file follows (and whether it is bad) before anyone enters the
+        # broadcast inside set_model_state_dict.
+        box = [(bool(tensors), error)]
+        dist.broadcast_object_list(box, src=0)
+        more, error = box[0]
+        if error:
+            raise ValueError(error)
+        if not more:
+            return
+        tensors = {n: t for n, t in tensors.items() if n in shapes}  # unexpected ones, if allowed
+        set_model_state_dict(model, tensors if rank0 else {}, options=options)
+        del tensors
 
 
 # --------------------------------------------------------------------------------------

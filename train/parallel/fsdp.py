@@ -12,6 +12,11 @@ so the slow inter-node links carry one all-reduce of a 1/shard gradient slice pe
 
 The units are exactly the planner's (`launcher.planner._fsdp_units`), so its prediction of the
 gathered parameters' memory matches what runs.
+
+`python -m train` hands over a model built on the meta device (`train.loop.build_model`): it is
+sharded first and only then given storage (`materialize`), so a rank allocates its shards and never
+the full fp32 model; the loop then fills them (`train.loop.fill_weights`). A complete model (the
+tests' references, a world of 1) is sharded from its real values as before.
 """
 
 from __future__ import annotations
@@ -80,6 +85,20 @@ def apply_fsdp(model: nn.Module, mesh, *, reshard_after_forward: bool, mp_policy
     return model
 
 
+def on_meta(module: nn.Module) -> bool:
+    """Whether `module` was built on the meta device (train.loop.build_model does for sharded runs)."""
+    return any(p.is_meta for p in module.parameters())
+
+
+def materialize(module: nn.Module, device: torch.device, offload: OffloadPolicy | None = None) -> None:
+    """Allocate, uninitialised, the storage of a module built on the meta device: after
+    `fully_shard` only this rank's shards (on the host under CPU offload, where FSDP keeps them).
+    The caller fills them (train.loop.fill_weights). A module that already has storage is left
+    alone (it was built complete and its values are the ones to keep)."""
+    if on_meta(module):
+        module.to_empty(device="cpu" if isinstance(offload, CPUOffloadPolicy) else device)
+
+
 class FSDPParallel(Parallelized):
     """`fsdp` over the ("dp",) mesh, `hsdp` over ("dp_replicate", "dp_shard"). With world size 1
     (no process group) the model runs unwrapped: there is nothing to shard across."""
@@ -105,8 +124,9 @@ class FSDPParallel(Parallelized):
             assert dims.world_size == 1, dims
             return cls(model, dims=dims, device=device, dp_rank=0, z_loss_weight=z_loss_weight, mp_policy=None)
         mp = mixed_precision_policy(device, pcfg.mixed_precision)
-        apply_fsdp(model, mesh, reshard_after_forward=pcfg.reshard_after_forward, mp_policy=mp,
-                   offload=offload_policy(device, pcfg.cpu_offload))
+        offload = offload_policy(device, pcfg.cpu_offload)
+        apply_fsdp(model, mesh, reshard_after_forward=pcfg.reshard_after_forward, mp_policy=mp, offload=offload)
+        materialize(model, device, offload)
         if dims.strategy == "hsdp":
             # Replicas outermost: rank (r, s) reads data slice r·shard + s, every rank its own.
             dp_rank = mesh.get_local_rank("dp_replicate") * dims.dp_shard_in_node + mesh.get_local_rank("dp_shard")

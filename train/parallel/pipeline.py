@@ -57,7 +57,7 @@ from launcher.planner import ModelDims, split_layers
 from train.models.baichuan import IGNORE_INDEX, PAD_ID, BaichuanConfig, BaichuanForCausalLM, causal_lm_loss
 from train.parallel.base import ParallelDims, Parallelized, target_tokens
 from train.parallel.ddp import apply_ddp, to_device
-from train.parallel.fsdp import apply_fsdp, mixed_precision_policy, offload_policy
+from train.parallel.fsdp import apply_fsdp, materialize, mixed_precision_policy, offload_policy
 
 if TYPE_CHECKING:
     from launcher.config import ParallelConfig, TrainConfig
@@ -223,7 +223,12 @@ class PipelineParallel(Parallelized):
         v = stages_per_rank(pcfg)
         split = split_layers(model_dims(mcfg), dims.pp * v)
         chunks, stage_ids = build_pipeline_stages(model, mesh["pp"].get_local_rank(), dims.pp, v, split)
+        # A meta-device model (train.loop.build_model) gets storage only now, for this rank's stages
+        # alone (the others' layers were just deleted): sharded first where the stage is FSDP.
         mp = None
+        shard = dims.dp > 1 and pcfg.dp_shard
+        if not shard:
+            materialize(model, device)
         if dims.dp == 1:
             if pcfg.dp_shard and dist.get_rank() == 0:
                 warnings.warn("train.parallel.dp_shard has no effect: every pipeline stage has a single data-parallel "
@@ -234,8 +239,11 @@ class PipelineParallel(Parallelized):
             # The schedule keeps the stage gathered across a step's micro-batches (it turns
             # resharding after backward off until the step ends); resharding after each forward
             # would only add an all-gather per micro-batch.
-            wrapped = [apply_fsdp(c, mesh["dp"], reshard_after_forward=False, mp_policy=mp,
-                                  offload=offload_policy(device, pcfg.cpu_offload)) for c in chunks]
+            offload = offload_policy(device, pcfg.cpu_offload)
+            wrapped = [apply_fsdp(c, mesh["dp"], reshard_after_forward=False, mp_policy=mp, offload=offload)
+                       for c in chunks]
+            for c in wrapped:
+                materialize(c, device, offload)
         else:
             wrapped = [apply_ddp(c, group=mesh["dp"].get_group(), device=device) for c in chunks]
         return cls(model, chunks, wrapped, stage_ids=stage_ids, n_stages=dims.pp * v, dims=dims, mesh=mesh,
