@@ -220,14 +220,19 @@ def _execute(cfg: JobConfig, the_plan: Plan, jobs: dict[str, NodeJob]) -> int:
     grace = cfg.launch.grace_period_s
 
     with _Stop() as stop:
-        for i, (name, job) in enumerate(jobs.items()):
+        for name, job in jobs.items():
             job.log = open(out / "logs" / f"{_safe(name)}.log", "a", encoding="utf-8")
             job.proc = job.conn.start(job.plan.command(), pty=True)
+        # Each job's pid line is read before its reader thread takes over the channel: a
+        # RemoteProcess has one reader. Two threads pumping it race on its buffer, and one can
+        # block in recv() on output the other already took: on a quiet node, for the whole run,
+        # with run.json unwritten and Ctrl-C unanswered.
+        _record(out, the_plan, jobs)
+        for i, (name, job) in enumerate(jobs.items()):
             prefix = f"\x1b[{_COLOURS[i % len(_COLOURS)]}m{name:<{width}}\x1b[0m | " if colour else f"{name:<{width}} | "
             job.reader = threading.Thread(target=_read, args=(job, prefix, print_lock, changed, quiet), daemon=True,
                                           name=f"mlaunch-log-{name}")
             job.reader.start()
-        _record(out, the_plan, jobs)
 
         failed: NodeJob | None = None
         while not stop.event.is_set():
@@ -247,7 +252,8 @@ def _execute(cfg: JobConfig, the_plan: Plan, jobs: dict[str, NodeJob]) -> int:
             _say(f"stopped on all {len(jobs)} node(s); shutdown output is in {out / 'logs'}/")
             return stop.exit_code
         if failed is not None:
-            why = "lost its SSH connection" if failed.dropped else f"exited with code {failed.exit_code}"
+            why = ("lost its SSH connection" if failed.dropped else "was killed by a signal"
+                   if failed.exit_code == -1 else f"exited with code {failed.exit_code}")
             _say(f"node {failed.plan.name} {why}; stopping the other nodes")
             quiet.set()
             t0 = time.monotonic()
@@ -255,7 +261,7 @@ def _execute(cfg: JobConfig, the_plan: Plan, jobs: dict[str, NodeJob]) -> int:
             _say(f"all nodes stopped in {time.monotonic() - t0:.1f}s")
             tail = "\n".join(f"    {line}" for line in failed.tail)
             print(f"[mlaunch] last lines of {failed.plan.name}:\n{tail}", file=sys.stderr, flush=True)
-            code = failed.exit_code if (failed.exit_code not in (None, 0) and not failed.dropped) else 255
+            code = failed.exit_code if (failed.exit_code not in (None, 0, -1) and not failed.dropped) else 255
             _say(f"run failed on node {failed.plan.name} ({why}); logs: {out / 'logs'}")
             return code
         for job in jobs.values():
@@ -288,7 +294,13 @@ def _read(job: NodeJob, prefix: str, lock: threading.Lock, changed: threading.Ev
     except Exception:  # the transport died under us
         job.dropped = True
     if job.exit_code == -1:
-        job.dropped = True  # channel closed without an exit status: the connection went away
+        # No exit status: the job was killed by a signal (sshd then sends exit-signal, which
+        # paramiko does not report) or the connection went away. A dying transport closes its
+        # channels just before it marks itself inactive: give it a moment to tell the two apart.
+        deadline = time.monotonic() + 1.0
+        while job.conn.is_active and time.monotonic() < deadline:
+            time.sleep(0.05)
+        job.dropped = not job.conn.is_active
     changed.set()
 
 

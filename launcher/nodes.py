@@ -51,6 +51,9 @@ out["time"] = time.time()
 print("MLAUNCH_PROBE=" + json.dumps(out))
 """
 
+#: Deadline for one short command on a node (connecting has its own, cluster.ssh.connect_timeout_s).
+_CMD_TIMEOUT_S = 30.0
+
 _LISTEN = r"""
 import socket, sys, time
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -138,16 +141,24 @@ def check(path: Path, *, overrides: list[str], as_json: bool, collective: bool) 
             if isinstance(conn, Exception):
                 rep.add("ssh", False, str(conn).removeprefix(f"node {name}: "), _ssh_fix(str(conn)))
                 return
+            try:
+                probe_node(rep, conn)
+            except MlaunchError as e:  # a command timed out or the connection died: this node only
+                rep.add("ssh" if not rep.checks else "probe", False, str(e).removeprefix(f"node {name}: "),
+                        "check the node's load and the connection; rerun the check")
+
+        def probe_node(rep: NodeReport, conn: Any) -> None:
             start = time.monotonic()
-            conn.run("true", timeout=cluster.ssh.connect_timeout_s)
+            conn.run("true", timeout=_CMD_TIMEOUT_S)
             rtt = time.monotonic() - start
             rep.facts["latency_ms"] = round(rtt * 1000, 1)
             rep.add("ssh", True, f"{rtt * 1000:.0f} ms")
-            # Clock offset against the midpoint of one short round trip (NTP's estimate).
+            # Clock offset from one short round trip: the node read its clock between `sent` and `back`.
             sent = time.time()
-            clock = conn.run("date +%s.%N", timeout=cluster.ssh.connect_timeout_s)
+            clock = conn.run("date +%s.%N", timeout=_CMD_TIMEOUT_S)
             back = time.time()
             res = conn.run(_cmd(cluster.python, _PROBE, cluster.workdir), timeout=120)
+            probe_back = time.time()
             line = next((x for x in res.stdout.splitlines() if x.startswith("MLAUNCH_PROBE=")), None)
             if res.exit_code != 0 or line is None:
                 err = (res.stderr.strip().splitlines() or [f"exit {res.exit_code}"])[-1]
@@ -161,11 +172,17 @@ def check(path: Path, *, overrides: list[str], as_json: bool, collective: bool) 
                 return
             rep.add("torch", True, facts["torch"])
             try:
-                offset = float(clock.stdout.strip()) - (sent + back) / 2
-            except ValueError:
-                offset = facts["time"] - back  # no GNU date: a coarser estimate
+                remote = float(clock.stdout.strip())
+            except ValueError:  # no GNU date: the probe's own reading, in a wider window
+                remote, sent, back = facts["time"], back, probe_back
+            # The true offset lies in [remote - back, remote - sent]. Red only when all of that
+            # window is beyond ±1 s: on a busy node the round trip alone can take over a second.
+            lo, hi = remote - back, remote - sent
+            offset, error = (lo + hi) / 2, (hi - lo) / 2
             rep.facts["clock_offset_s"] = round(offset, 3)
-            rep.add("clock", abs(offset) < 1.0, f"{offset:+.3f} s", "sync the clocks (chrony/ntp): logs and timeouts compare times across nodes")
+            rep.facts["clock_error_s"] = round(error, 3)
+            rep.add("clock", lo <= 1.0 and hi >= -1.0, f"{offset:+.3f} ± {error:.3f} s",
+                    "sync the clocks (chrony/ntp): logs and timeouts compare times across nodes")
             disk = facts.get("disk_free_gb")
             rep.add("disk", disk is not None and disk >= 1.0, f"{disk} GB free", f"free space under {cluster.workdir}")
             gpus = facts.get("gpus") or []
@@ -241,10 +258,14 @@ def _check_rendezvous(cluster: ClusterConfig, names: list[str], conns: dict, rep
             conn = conns[name]
             if isinstance(conn, Exception) or not reports[name].ok:
                 return
-            res = conn.run(_cmd(cluster.python, _DIAL, addr, str(port), "5"), timeout=30)
+            fix = f"open TCP {port} from this node to {addr} (firewall/security group), or set cluster.nodes[0].addr"
+            try:
+                res = conn.run(_cmd(cluster.python, _DIAL, addr, str(port), "5"), timeout=_CMD_TIMEOUT_S)
+            except MlaunchError as e:  # this node's report, not the whole check
+                reports[name].add("rdzv-reach", False, str(e).removeprefix(f"node {name}: "), fix)
+                return
             ok = res.exit_code == 0
-            reports[name].add("rdzv-reach", ok, f"{addr}:{port} {'reachable' if ok else res.stdout.strip() or 'unreachable'}",
-                              f"open TCP {port} from this node to {addr} (firewall/security group), or set cluster.nodes[0].addr")
+            reports[name].add("rdzv-reach", ok, f"{addr}:{port} {'reachable' if ok else res.stdout.strip() or 'unreachable'}", fix)
 
         with ThreadPoolExecutor(max_workers=max(1, min(32, len(names) - 1))) as pool:
             list(pool.map(dial, names[1:]))
