@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from launcher.errors import ConfigError, MlaunchError
+from launcher.errors import MlaunchError
 
 app = typer.Typer(
     add_completion=False,

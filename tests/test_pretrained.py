@@ -1,6 +1,6 @@
 """Training from a pretrained hub folder, and building sharded models without a full copy per rank.
 
-Under fsdp/hsdp/pipeline, `train.loop.build_model` builds on the meta device, the strategy
+Under fsdp/hsdp/pipeline, `train.build.build_model` builds on the meta device, the strategy
 allocates only this rank's part (shards, stages), and `fill_weights` fills it: from a checkpoint
 that only rank 0 reads (fsdp/hsdp) or of which each pipeline rank reads its stages' tensors, or
 by replaying the seeded `model.init` piece by piece. Checked here:
@@ -63,7 +63,7 @@ def _write_checkpoint(folder: Path, cfg, *, seed: int, dtype=torch.bfloat16, fmt
 def test_init_pieces_equal_the_full_model_init(position):
     """`init_pieces` replays the full model's seeded construction + init_weights piece by piece:
     the same tensors bit for bit, and the global RNG ends where the full build leaves it."""
-    from train.loop import init_pieces
+    from train.build import init_pieces
     from train.models.baichuan import BaichuanForCausalLM, init_weights
 
     cfg = _tiny_cfg(position=position, num_hidden_layers=3)
@@ -194,7 +194,7 @@ def _build(name, dims, parallel, source: str, folder: Path, fill_from: Path | No
     import dataclasses
 
     from launcher.config import TrainConfig
-    from train.loop import build_model, fill_weights
+    from train.build import build_model, fill_weights
     from train.models.hub import load_weights_distributed
     from train.parallel.base import parallelize
     from train.parallel.mesh import build_mesh
@@ -225,7 +225,7 @@ def _worker(tmp: str, out_path: str) -> None:
 
     from launcher.errors import ConfigError
     from train import distributed as D
-    from train.loop import params_held_per_rank
+    from train.build import params_held_per_rank
     from train.models.baichuan import BaichuanForCausalLM, init_weights, num_params
 
     env = D.DistEnv.from_env()

@@ -13,45 +13,27 @@ micro-batch b thus follows the same trajectory as a world of 1 with micro-batch 
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 import os
 import time
-from collections.abc import Container, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from launcher.config import JobConfig, TrainConfig, to_yaml
-from launcher.errors import ConfigError
 from train import checkpoint as ckpt
 from train import distributed as D
 from train.distributed import DistEnv, StopFlag
+from train.build import build_model, describe_weights, fill_weights, model_dir_of, params_held_per_rank
 from train.metrics import MetricsLogger, gpu_peak_flops
-from train.models.baichuan import (
-    BaichuanConfig,
-    BaichuanForCausalLM,
-    flops_per_token,
-    init_weights,
-    num_params,
-    set_activation_checkpointing,
-)
+from train.models.baichuan import flops_per_token, num_params
 from train.parallel.base import ParallelDims, Parallelized, parallelize, target_tokens
 from train.parallel.mesh import build_mesh
 
 EXIT_STOPPED = 128 + 15  # SIGTERM's conventional exit status
 
-# variant → (position, norm_head); `auto` reads config.json (or, for `init`, baichuan2-7b's layout)
-_VARIANT_LAYOUT = {
-    "baichuan-7b": ("rope", False),
-    "baichuan-13b": ("alibi", False),
-    "baichuan2-7b": ("rope", True),
-    "baichuan2-13b": ("alibi", True),
-}
 
 
 def train(job: JobConfig, env: DistEnv, dims: ParallelDims, device: torch.device, stop: StopFlag) -> int:
@@ -75,7 +57,7 @@ def train(job: JobConfig, env: DistEnv, dims: ParallelDims, device: torch.device
     # ---------------------------------------------------------------- tokenizer, data, model
     torch.manual_seed(cfg.seed)
     mesh = build_mesh(dims, device)
-    model_dir = _model_dir(cfg)
+    model_dir = model_dir_of(cfg)
     barrier_kw = dict(local_rank=env.local_rank, barrier=D.barrier)
     tokenizer_file = ensure_tokenizer(cfg, model_dir, out_dir / "cache", **barrier_kw)
     tokenizer = BaichuanTokenizer(tokenizer_file)
@@ -119,7 +101,7 @@ def train(job: JobConfig, env: DistEnv, dims: ParallelDims, device: torch.device
         f"{micro_per_epoch} micro-batches/epoch x grad_accum {cfg.grad_accum} -> {total_steps} steps"
         + (f"; resumed from {resume_from} at step {step}" if resume_from else "")
     )
-    log.message(f"weights: {_describe_weights(cfg, dims, pending)}; parameters held per rank right after building: "
+    log.message(f"weights: {describe_weights(cfg, dims, pending)}; parameters held per rank right after building: "
                 f"min {min(held)} max {max(held)} of {num_params(mcfg)} ({max(held) / num_params(mcfg):.1%})")
 
     # ---------------------------------------------------------------- the loop
@@ -209,176 +191,6 @@ def train(job: JobConfig, env: DistEnv, dims: ParallelDims, device: torch.device
             log.message(f"exported {path}")
     log.close()
     return 0
-
-
-# ------------------------------------------------------------------------------ building
-def _model_dir(cfg: TrainConfig) -> Path | None:
-    if cfg.model.name_or_path is None:
-        return None
-    from train.models.hub import resolve_checkpoint_dir
-
-    try:
-        return resolve_checkpoint_dir(cfg.model.name_or_path)
-    except FileNotFoundError as e:
-        raise ConfigError(f"train.model.name_or_path: {e}") from None
-
-
-def _built_on_meta(dims: ParallelDims | None) -> bool:
-    """Whether this rank builds the model on the meta device and lets the strategy allocate only
-    its part: FSDP/HSDP shards, or a pipeline rank's stages. DDP holds the full model anyway, and
-    a world of 1 has nothing to shard."""
-    return dims is not None and dims.world_size > 1 and dims.strategy in ("fsdp", "hsdp", "pipeline")
-
-
-@dataclass(frozen=True)
-class PendingWeights:
-    """What a model built on the meta device is filled with once parallelised (`fill_weights`):
-    the pretrained folder, or (None) `model.init` with today's seed and std."""
-
-    checkpoint: Path | None
-    seed: int
-    init_std: float
-
-
-def build_model(cfg: TrainConfig, vocab_size: int, model_dir: Path | None, device: torch.device,
-                dims: ParallelDims | None = None) -> tuple[BaichuanForCausalLM, BaichuanConfig, PendingWeights | None]:
-    """A new model from `model.init` (same weights on every rank: seeded, built on CPU) or the
-    pretrained one in `model_dir`; fp32 master weights either way.
-
-    Under fsdp/hsdp/pipeline with several ranks, the model comes back on the meta device with the
-    `PendingWeights` to fill it with after `parallelize` (`fill_weights`): no rank ever holds the
-    full fp32 model (13B: 52 GB) on its device. Otherwise the model is complete and on `device`
-    (pending is None)."""
-    m = cfg.model
-    position, norm_head = _VARIANT_LAYOUT.get(m.variant, (None, None))
-    position = position if m.position == "auto" else m.position
-    norm_head = norm_head if m.norm_head is None else m.norm_head
-    meta = _built_on_meta(dims)
-    pending = None
-    if m.init is not None:
-        i = m.init
-        mcfg = BaichuanConfig(
-            vocab_size=i.vocab_size or vocab_size, hidden_size=i.hidden_size, intermediate_size=i.intermediate_size,
-            num_hidden_layers=i.num_hidden_layers, num_attention_heads=i.num_attention_heads,
-            position=position or "rope", norm_head=True if norm_head is None else norm_head,
-            z_loss_weight=m.z_loss_weight or 0.0, max_position_embeddings=i.max_position_embeddings,
-            initializer_range=i.initializer_range,
-        )
-        if meta:
-            pending = PendingWeights(None, cfg.seed, mcfg.initializer_range)
-        else:
-            torch.manual_seed(cfg.seed)
-            model = BaichuanForCausalLM(mcfg)  # on CPU, so CPU and GPU runs start from the same weights
-            init_weights(model, mcfg.initializer_range)
-            model.to(device)
-    else:
-        from train.models.hub import checkpoint_weight_files, load_pretrained, read_config
-
-        try:
-            if meta:
-                mcfg = BaichuanConfig.from_hf_dict(read_config(model_dir), position=position, norm_head=norm_head)
-                checkpoint_weight_files(model_dir)  # a folder without weights fails here, on every rank
-                pending = PendingWeights(model_dir, cfg.seed, mcfg.initializer_range)
-            else:
-                model, mcfg = load_pretrained(model_dir, position=position, norm_head=norm_head, dtype=torch.float32,
-                                              device=device)
-        except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"train.model.name_or_path: {e}") from None
-    if meta:
-        with torch.device("meta"):  # fp32 parameters without storage; the strategy allocates its part
-            model = BaichuanForCausalLM(mcfg)
-    if vocab_size > mcfg.vocab_size:
-        raise ConfigError(
-            f"the tokenizer has {vocab_size} tokens but the model's vocab_size is {mcfg.vocab_size}; "
-            "use the model's own tokenizer.model (train.tokenizer.path) or a larger model.init.vocab_size"
-        )
-    set_activation_checkpointing(model, m.activation_checkpointing)
-    return model, mcfg, pending
-
-
-def init_pieces(mcfg: BaichuanConfig, seed: int, std: float,
-                keep: Container[str] | None = None) -> Iterator[dict[str, torch.Tensor]]:
-    """The weights `build_model` gives a full model from `model.init` (seed, construction on CPU,
-    then `init_weights`), one piece at a time (the embedding, each layer, the norm, the head) as
-    {published name: CPU tensor}; with `keep`, only the pieces holding any of those names.
-
-    Bit-identical to the full model because the global RNG sees the same draws in the same
-    order: first the draws the constructor makes (each Linear/Embedding's `reset_parameters`,
-    replayed piece by piece and thrown away), then `init_weights`'s, piece by piece. Peak host
-    memory is one piece (13B: the 2.5 GB head), not the model. tests/test_pretrained.py checks the
-    equality, so a change to the model's constructor cannot silently break it."""
-    with torch.device("meta"):
-        skeleton = BaichuanForCausalLM(mcfg)
-    inner = skeleton.model
-    pieces: list[tuple[str, nn.Module]] = [("model.embed_tokens", inner.embed_tokens)]
-    pieces += [(f"model.layers.{i}", layer) for i, layer in inner.layers.items()]
-    pieces += [("model.norm", inner.norm), ("lm_head", skeleton.lm_head)]
-    # The pieces must be the model's modules in construction (= registration) order.
-    assert [k for p, mod in pieces for k in (f"{p}.{n}" for n in mod.state_dict())] == list(skeleton.state_dict())
-
-    def materialise(module: nn.Module) -> nn.Module:
-        return copy.deepcopy(module).to_empty(device="cpu")
-
-    torch.manual_seed(seed)
-    for _, piece in pieces:
-        for sub in materialise(piece).modules():
-            if hasattr(sub, "reset_parameters"):
-                sub.reset_parameters()
-    for prefix, piece in pieces:
-        real = materialise(piece)
-        init_weights(real, std)  # draws even when the piece is not kept: the next pieces' values depend on it
-        names = {f"{prefix}.{n}": t for n, t in real.state_dict().items()}
-        if keep is None or any(n in keep for n in names):
-            yield names
-
-
-def fill_weights(par: Parallelized, pending: PendingWeights, mcfg: BaichuanConfig, dims: ParallelDims) -> None:
-    """Fill the parts a strategy allocated for a meta-device model (collective on every rank).
-
-    * pretrained, fsdp/hsdp: rank 0 alone reads the checkpoint, one file at a time, and each
-      tensor is broadcast; every rank keeps its shard (`hub.load_weights_distributed`).
-    * pretrained, pipeline: each rank reads only its stages' tensors.
-    * `model.init`: every rank replays the seeded init piece by piece (`init_pieces`) and keeps
-      its part: no communication, and the same draws each rank made before (the full model)."""
-    from train.models.hub import copy_full_, load_weights_distributed
-
-    module = par._single_module()  # the state-dict view: published names, this rank's parameters
-    if pending.checkpoint is not None:
-        try:
-            load_weights_distributed(module, pending.checkpoint, broadcast_from_rank0=dims.strategy != "pipeline",
-                                     allow_unexpected=dims.strategy == "pipeline")
-        except ValueError as e:
-            raise ConfigError(f"train.model.name_or_path: {e}") from None
-        return
-    targets = module.state_dict(keep_vars=True)
-    filled = set()
-    for piece in init_pieces(mcfg, pending.seed, pending.init_std, keep=targets):
-        for name, tensor in piece.items():
-            if name in targets:
-                copy_full_(targets[name], tensor)
-                filled.add(name)
-    assert filled == set(targets), set(targets) - filled
-
-
-def params_held_per_rank(par: Parallelized) -> list[int]:
-    """Parameter elements each rank holds (FSDP: its local shards). Collective."""
-    from torch.distributed.tensor import DTensor
-
-    local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in par.parameters())
-    held = torch.zeros(D.get_world_size(), dtype=torch.float64)
-    held[D.get_rank()] = local
-    return [int(x) for x in D.all_reduce_sum(held).tolist()]
-
-
-def _describe_weights(cfg: TrainConfig, dims: ParallelDims, pending: PendingWeights | None) -> str:
-    source = f"pretrained {cfg.model.name_or_path}" if cfg.model.name_or_path else f"init (seed {cfg.seed})"
-    if pending is None:
-        return f"{source}, full model on every rank"
-    if pending.checkpoint is None:
-        return f"{source}, built on the meta device, each rank initialised only its part"
-    if dims.strategy == "pipeline":
-        return f"{source}, each rank read only its stages' tensors"
-    return f"{source}, read by rank 0 one file at a time and broadcast into the shards"
 
 
 def build_optimizer(par: Parallelized, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:

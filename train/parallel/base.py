@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from launcher.errors import ConfigError
 from train.parallel.dims import ParallelDims  # noqa: F401  (re-exported: the loop's and strategies' import)
-from train.models.baichuan import IGNORE_INDEX
+from train.models.baichuan import IGNORE_INDEX, causal_lm_loss
 
 if TYPE_CHECKING:
     from launcher.config import JobConfig, TrainConfig
@@ -68,6 +68,10 @@ def resolve_auto(job: "JobConfig", world_size: int, nproc_per_node: int, has_gpu
     return resolved, f"parallel auto: {resolved.train.parallel.strategy} ({decision.reason})"
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def target_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Real target tokens of a micro-batch, counted as `causal_lm_loss` counts them (labels
     shifted by one, -100 ignored). The loop counts them before the forward to normalise the loss."""
@@ -93,6 +97,7 @@ class Parallelized(abc.ABC):
     dp_size: int
     has_loss: bool
     dims: ParallelDims
+    z_loss_weight: float = 0.0
 
     @classmethod
     @abc.abstractmethod
@@ -106,8 +111,10 @@ class Parallelized(abc.ABC):
         device: torch.device,
         z_loss_weight: float,
     ) -> "Parallelized":
-        """Wrap a full, initialised model (on `device`, fp32) for this strategy. `mesh` is the
-        DeviceMesh from `mesh.build_mesh(dims, device)` (None when running alone)."""
+        """Wrap the model for this strategy: a complete fp32 model on `device`, or (fsdp/hsdp,
+        pipeline) one on the meta device that the strategy cuts and allocates and
+        `train.build.fill_weights` fills afterwards. `mesh` is the DeviceMesh from
+        `mesh.build_mesh(dims, device)` (None when running alone)."""
 
     @abc.abstractmethod
     def forward_backward(self, batch: dict[str, torch.Tensor], loss_scale: float, sync: bool) -> tuple[torch.Tensor, int]:
@@ -120,10 +127,22 @@ class Parallelized(abc.ABC):
         pay a host sync per micro-batch; the loop reduces it when it logs.
         """
 
-    @abc.abstractmethod
+    @torch.no_grad()
     def eval_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """Forward only, no gradients: (detached loss sum, real target tokens) of a micro-batch.
-        Collective-safe: every rank calls it the same number of times."""
+        Collective-safe: every rank calls it the same number of times. (A pipeline overrides it.)"""
+        loss_sum, n_tokens = self.micro_batch_loss(self._single_module(), batch)
+        return loss_sum.detach(), n_tokens
+
+    def micro_batch_loss(self, module: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """(loss sum, real target tokens) of one micro-batch through `module` (wrapped or bare),
+        under this strategy's autocast: the forward every data-parallel strategy shares."""
+        n_tokens = target_tokens(batch)
+        batch = to_device(batch, self.device)
+        with self.autocast():
+            logits = module(batch["input_ids"], batch["attention_mask"])
+            loss_sum, _ = causal_lm_loss(logits, batch["labels"], self.z_loss_weight)
+        return loss_sum, n_tokens
 
     # ------------------------------------------------------------------ shared implementations
     def parameters(self) -> Iterator[nn.Parameter]:

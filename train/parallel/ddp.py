@@ -9,8 +9,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from train.models.baichuan import causal_lm_loss
-from train.parallel.base import ParallelDims, Parallelized, target_tokens
+from train.parallel.base import ParallelDims, Parallelized
 from train.parallel.mesh import dp_group
 
 if TYPE_CHECKING:
@@ -26,10 +25,6 @@ def apply_ddp(model: nn.Module, *, group, device: torch.device) -> nn.Module:
         # Gradients alias the all-reduce buckets: one copy of the gradients instead of two.
         gradient_as_bucket_view=True,
     )
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 class DDPParallel(Parallelized):
@@ -60,23 +55,10 @@ class DDPParallel(Parallelized):
                    z_loss_weight=z_loss_weight)
 
     def forward_backward(self, batch: dict[str, torch.Tensor], loss_scale: float, sync: bool) -> tuple[torch.Tensor, int]:
-        n_tokens = target_tokens(batch)
-        batch = to_device(batch, self.device)
         no_sync = self.wrapped.no_sync() if (not sync and isinstance(self.wrapped, DDP)) else contextlib.nullcontext()
         with no_sync:
-            with self.autocast():
-                logits = self.wrapped(batch["input_ids"], batch["attention_mask"])
-                loss_sum, _ = causal_lm_loss(logits, batch["labels"], self.z_loss_weight)
+            loss_sum, n_tokens = self.micro_batch_loss(self.wrapped, batch)
             (loss_sum * loss_scale).backward()
-        return loss_sum.detach(), n_tokens
-
-    @torch.no_grad()
-    def eval_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        n_tokens = target_tokens(batch)
-        batch = to_device(batch, self.device)
-        with self.autocast():
-            logits = self.model(batch["input_ids"], batch["attention_mask"])
-            loss_sum, _ = causal_lm_loss(logits, batch["labels"], self.z_loss_weight)
         return loss_sum.detach(), n_tokens
 
     # State dicts from the bare module: same published names with or without the DDP wrapper.

@@ -13,9 +13,9 @@ so the slow inter-node links carry one all-reduce of a 1/shard gradient slice pe
 The units are exactly the planner's (`launcher.planner._fsdp_units`), so its prediction of the
 gathered parameters' memory matches what runs.
 
-`python -m train` hands over a model built on the meta device (`train.loop.build_model`): it is
+`python -m train` hands over a model built on the meta device (`train.build.build_model`): it is
 sharded first and only then given storage (`materialize`), so a rank allocates its shards and never
-the full fp32 model; the loop then fills them (`train.loop.fill_weights`). A complete model (the
+the full fp32 model; the loop then fills them (`train.build.fill_weights`). A complete model (the
 tests' references, a world of 1) is sharded from its real values as before.
 """
 
@@ -29,9 +29,7 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-from train.models.baichuan import causal_lm_loss
-from train.parallel.base import ParallelDims, Parallelized, target_tokens
-from train.parallel.ddp import to_device
+from train.parallel.base import ParallelDims, Parallelized
 
 if TYPE_CHECKING:
     from launcher.config import TrainConfig
@@ -86,14 +84,14 @@ def apply_fsdp(model: nn.Module, mesh, *, reshard_after_forward: bool, mp_policy
 
 
 def on_meta(module: nn.Module) -> bool:
-    """Whether `module` was built on the meta device (train.loop.build_model does for sharded runs)."""
+    """Whether `module` was built on the meta device (train.build.build_model does for sharded runs)."""
     return any(p.is_meta for p in module.parameters())
 
 
 def materialize(module: nn.Module, device: torch.device, offload: OffloadPolicy | None = None) -> None:
     """Allocate, uninitialised, the storage of a module built on the meta device: after
     `fully_shard` only this rank's shards (on the host under CPU offload, where FSDP keeps them).
-    The caller fills them (train.loop.fill_weights). A module that already has storage is left
+    The caller fills them (train.build.fill_weights). A module that already has storage is left
     alone (it was built complete and its values are the ones to keep)."""
     if on_meta(module):
         module.to_empty(device="cpu" if isinstance(offload, CPUOffloadPolicy) else device)
@@ -142,25 +140,12 @@ class FSDPParallel(Parallelized):
         return super().autocast()
 
     def forward_backward(self, batch: dict[str, torch.Tensor], loss_scale: float, sync: bool) -> tuple[torch.Tensor, int]:
-        n_tokens = target_tokens(batch)
-        batch = to_device(batch, self.device)
         if isinstance(self.model, FSDPModule):
             # While accumulating, skip the reduce-scatter (and HSDP's all-reduce): the unsharded
             # gradients accumulate locally and are reduced once, with the last micro-batch.
             self.model.set_requires_gradient_sync(sync)
-        with self.autocast():
-            logits = self.model(batch["input_ids"], batch["attention_mask"])
-            loss_sum, _ = causal_lm_loss(logits, batch["labels"], self.z_loss_weight)
+        loss_sum, n_tokens = self.micro_batch_loss(self.model, batch)
         (loss_sum * loss_scale).backward()
-        return loss_sum.detach(), n_tokens
-
-    @torch.no_grad()
-    def eval_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        n_tokens = target_tokens(batch)
-        batch = to_device(batch, self.device)
-        with self.autocast():
-            logits = self.model(batch["input_ids"], batch["attention_mask"])
-            loss_sum, _ = causal_lm_loss(logits, batch["labels"], self.z_loss_weight)
         return loss_sum.detach(), n_tokens
 
     # State dicts: the base class's DCP helpers on the root. FSDP2 adds no name prefixes, so keys

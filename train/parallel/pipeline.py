@@ -55,8 +55,8 @@ from torch.distributed.tensor import DTensor
 from launcher.errors import ConfigError
 from launcher.planner import ModelDims, split_layers
 from train.models.baichuan import IGNORE_INDEX, PAD_ID, BaichuanConfig, BaichuanForCausalLM, causal_lm_loss
-from train.parallel.base import ParallelDims, Parallelized, target_tokens
-from train.parallel.ddp import apply_ddp, to_device
+from train.parallel.base import ParallelDims, Parallelized, target_tokens, to_device
+from train.parallel.ddp import apply_ddp
 from train.parallel.fsdp import apply_fsdp, materialize, mixed_precision_policy, offload_policy
 
 if TYPE_CHECKING:
@@ -223,7 +223,7 @@ class PipelineParallel(Parallelized):
         v = stages_per_rank(pcfg)
         split = split_layers(model_dims(mcfg), dims.pp * v)
         chunks, stage_ids = build_pipeline_stages(model, mesh["pp"].get_local_rank(), dims.pp, v, split)
-        # A meta-device model (train.loop.build_model) gets storage only now, for this rank's stages
+        # A meta-device model (train.build.build_model) gets storage only now, for this rank's stages
         # alone (the others' layers were just deleted): sharded first where the stage is FSDP.
         mp = None
         shard = dims.dp > 1 and pcfg.dp_shard
