@@ -12,7 +12,7 @@ import sys
 import traceback
 
 from launcher.config import load_config
-from launcher.errors import ConfigError
+from launcher.errors import MlaunchError
 from train import distributed as D
 
 
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
 
         code = train(job, env, dims, device, stop)
         clean = True  # every rank got here together: the shutdown barrier is safe
-    except ConfigError as e:
+    except MlaunchError as e:  # a user-fixable failure (bad config, diverged loss): one line
         code = e.exit_code
         if env.is_rank0:
             print(f"error: {e}", file=sys.stderr)

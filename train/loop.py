@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from launcher.config import JobConfig, TrainConfig, to_yaml
+from launcher.errors import MlaunchError
 from train import checkpoint as ckpt
 from train import distributed as D
 from train.distributed import DistEnv, StopFlag
@@ -140,6 +141,13 @@ def train(job: JobConfig, env: DistEnv, dims: ParallelDims, device: torch.device
             micro_loss, _ = par.forward_backward(batch, loss_scale, sync=k == len(batches) - 1)
             loss_sum += micro_loss
         grad_norm = par.clip_grad_norm_(cfg.clip_grad_norm)
+        if not math.isfinite(grad_norm):
+            # The same global norm on every rank, so all stop here together, before the step:
+            # the weights stay finite and no checkpoint of a diverged model is ever written.
+            raise MlaunchError(
+                f"step {step + 1}: the gradient norm is {grad_norm} (loss diverged); lower train.optim.lr, "
+                "add warmup (train.schedule.warmup_steps) or set train.clip_grad_norm; "
+                f"resume continues from the last complete checkpoint in {ckpt_dir}")
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
