@@ -19,10 +19,13 @@ from launcher.config import ClusterConfig, load_cluster, load_config, validate
 from launcher.errors import ConfigError, MlaunchError
 from launcher.shell import job_command, quote_path
 
-#: One round trip gathers everything the node's python can tell (torch import ≈ 1.5 s).
+#: One process per node gathers everything, without importing torch: `import torch` costs 1.5 s
+#: of CPU here and tens of seconds from a cold network filesystem, on every node, for facts that
+#: the package metadata, torch/version.py and nvidia-smi give in milliseconds. (`--collective`
+#: then imports torch for real, to run an all-reduce.)
 _PROBE = r"""
-import json, os, shutil, sys, time
-out = {"python": sys.version.split()[0], "executable": sys.executable}
+import json, os, re, shutil, subprocess, sys, time
+out = {"time": time.time(), "python": sys.version.split()[0], "executable": sys.executable}
 wd = os.path.expanduser(sys.argv[1])
 probe = wd
 while probe and not os.path.exists(probe):
@@ -32,22 +35,29 @@ try:
     out["disk_free_gb"] = round(shutil.disk_usage(probe or "/").free / 2**30, 1)
 except OSError:
     out["disk_free_gb"] = None
+from importlib import metadata, util
 try:
-    import torch
-    out["torch"] = torch.__version__
-    out["cuda"] = torch.cuda.is_available()
-    if out["cuda"]:
-        out["gpus"] = []
-        for i in range(torch.cuda.device_count()):
-            free, total = torch.cuda.mem_get_info(i)
-            out["gpus"].append({"name": torch.cuda.get_device_name(i), "free_gb": round(free / 2**30, 1), "total_gb": round(total / 2**30, 1)})
-        try:
-            out["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
-        except Exception:
-            out["nccl"] = None
+    out["torch"] = metadata.version("torch")
+    spec = util.find_spec("torch")
+    text = open(os.path.join(list(spec.submodule_search_locations)[0], "version.py")).read()
+    m = re.search(r"^cuda\s*(?::[^=]*)?=\s*['\"]([^'\"]+)['\"]", text, re.M)
+    out["torch_cuda"] = m.group(1) if m else None
 except Exception as e:
-    out["torch_error"] = f"{type(e).__name__}: {e}"
-out["time"] = time.time()
+    out["torch_error"] = "torch is not installed for this python" if isinstance(e, metadata.PackageNotFoundError) else f"{type(e).__name__}: {e}"
+nccl = [d.metadata["Name"] + " " + d.version for d in metadata.distributions() if (d.metadata["Name"] or "").lower().startswith("nvidia-nccl")]
+out["nccl"] = nccl[0].split()[-1] if nccl else None
+gpus = []
+if shutil.which("nvidia-smi"):
+    try:
+        q = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.free,memory.total", "--format=csv,noheader,nounits"],
+                           capture_output=True, text=True, timeout=20)
+        for line in q.stdout.strip().splitlines():
+            name, free, total = [x.strip() for x in line.rsplit(",", 2)]
+            gpus.append({"name": name, "free_gb": round(float(free) / 1024, 1), "total_gb": round(float(total) / 1024, 1)})
+    except Exception as e:
+        out["gpu_error"] = f"nvidia-smi: {e}"
+out["gpus"] = gpus
+out["cuda"] = bool(gpus) and bool(out.get("torch_cuda"))
 print("MLAUNCH_PROBE=" + json.dumps(out))
 """
 
@@ -132,7 +142,6 @@ def check(path: Path, *, overrides: list[str], as_json: bool, collective: bool) 
     targets = cluster_run.targets_for(job)
     names = list(targets)
     reports = {n: NodeReport(n) for n in names}
-    t0 = {n: time.monotonic() for n in names}
     conns = ssh.connect_all(targets, max_workers=cluster.ssh.max_parallel)
     rdzv_port = job.launch.rdzv.port
     try:
@@ -148,17 +157,15 @@ def check(path: Path, *, overrides: list[str], as_json: bool, collective: bool) 
                         "check the node's load and the connection; rerun the check")
 
         def probe_node(rep: NodeReport, conn: Any) -> None:
+            # SSH round trip: opening a channel, no process started on the node.
             start = time.monotonic()
-            conn.run("true", timeout=_CMD_TIMEOUT_S)
+            conn.transport.open_session(timeout=_CMD_TIMEOUT_S).close()
             rtt = time.monotonic() - start
             rep.facts["latency_ms"] = round(rtt * 1000, 1)
             rep.add("ssh", True, f"{rtt * 1000:.0f} ms")
-            # Clock offset from one short round trip: the node read its clock between `sent` and `back`.
             sent = time.time()
-            clock = conn.run("date +%s.%N", timeout=_CMD_TIMEOUT_S)
-            back = time.time()
             res = conn.run(_cmd(cluster.python, _PROBE, cluster.workdir), timeout=120)
-            probe_back = time.time()
+            back = time.time()
             line = next((x for x in res.stdout.splitlines() if x.startswith("MLAUNCH_PROBE=")), None)
             if res.exit_code != 0 or line is None:
                 err = (res.stderr.strip().splitlines() or [f"exit {res.exit_code}"])[-1]
@@ -171,13 +178,10 @@ def check(path: Path, *, overrides: list[str], as_json: bool, collective: bool) 
                 rep.add("torch", False, facts["torch_error"], f"install torch in {facts['executable']}")
                 return
             rep.add("torch", True, facts["torch"])
-            try:
-                remote = float(clock.stdout.strip())
-            except ValueError:  # no GNU date: the probe's own reading, in a wider window
-                remote, sent, back = facts["time"], back, probe_back
-            # The true offset lies in [remote - back, remote - sent]. Red only when all of that
-            # window is beyond ±1 s: on a busy node the round trip alone can take over a second.
-            lo, hi = remote - back, remote - sent
+            # The node read its clock between `sent` and `back`: the true offset lies in
+            # [remote - back, remote - sent]. Red only when all of that window is beyond ±1 s:
+            # on a busy node the round trip alone can take over a second.
+            lo, hi = facts["time"] - back, facts["time"] - sent
             offset, error = (lo + hi) / 2, (hi - lo) / 2
             rep.facts["clock_offset_s"] = round(offset, 3)
             rep.facts["clock_error_s"] = round(error, 3)
@@ -186,13 +190,14 @@ def check(path: Path, *, overrides: list[str], as_json: bool, collective: bool) 
             disk = facts.get("disk_free_gb")
             rep.add("disk", disk is not None and disk >= 1.0, f"{disk} GB free", f"free space under {cluster.workdir}")
             gpus = facts.get("gpus") or []
-            if facts.get("cuda"):
+            if gpus:
                 names_ = sorted({g["name"] for g in gpus})
-                rep.add("gpus", bool(gpus), f"{len(gpus)} × {', '.join(names_)}; min free {min(g['free_gb'] for g in gpus)} GB", "check nvidia-smi")
-                rep.add("nccl", bool(facts.get("nccl")), str(facts.get("nccl")), "install a torch build with NCCL")
+                rep.add("gpus", True, f"{len(gpus)} × {', '.join(names_)}; min free {min(g['free_gb'] for g in gpus)} GB")
+                rep.add("cuda", bool(facts.get("torch_cuda")), f"torch built for CUDA {facts.get('torch_cuda')}",
+                        f"torch {facts['torch']} is a CPU build: install a CUDA build of torch on this node")
+                rep.add("nccl", True, facts.get("nccl") or "bundled with torch")
             else:
-                rep.facts["gpus"] = []
-                rep.add("gpus", True, "none (CPU, gloo)")
+                rep.add("gpus", True, "none (CPU, gloo)" if not facts.get("gpu_error") else facts["gpu_error"])
 
         with ThreadPoolExecutor(max_workers=min(cluster.ssh.max_parallel, len(names))) as pool:
             list(pool.map(probe, names))
@@ -332,7 +337,7 @@ def _print(reports: dict[str, NodeReport], ok: bool) -> None:
     from rich.table import Table
 
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
-    cols = ["ssh", "python", "torch", "gpus", "nccl", "disk", "clock", "rdzv-port", "rdzv-reach", "collective"]
+    cols = ["ssh", "python", "torch", "gpus", "cuda", "nccl", "disk", "clock", "rdzv-port", "rdzv-reach", "collective"]
     present = [c for c in cols if any(ch.name == c for r in reports.values() for ch in r.checks)]
     table = Table(title="nodes check", title_justify="left")
     table.add_column("node")

@@ -787,8 +787,8 @@ class Connection:
                     have = existing.get(d)
                     if have is None or not stat.S_ISDIR(have.st_mode or 0):
                         current = posixpath.join(root, rel)
-                        sftp.mkdir(current)
-                        stats.dirs_created += 1
+                        if _mkdir(sftp, current):
+                            stats.dirs_created += 1
                 dirnames[:] = kept
                 for fname in sorted(filenames):
                     rel = f"{rel_dir}/{fname}" if rel_dir else fname
@@ -812,9 +812,13 @@ class Connection:
                         stats.files_unchanged += 1
                         continue
                     current = posixpath.join(root, rel)
-                    sftp.put(path, current, confirm=True)
-                    sftp.utime(current, (int(st.st_atime), int(st.st_mtime)))
-                    sftp.chmod(current, stat.S_IMODE(st.st_mode))
+                    # Written beside, then renamed over: nodes sharing one filesystem may sync the
+                    # same file at once, and a reader never sees half a file.
+                    tmp = f"{current}.mlaunch-{os.getpid()}-{threading.get_ident()}.tmp"
+                    sftp.put(path, tmp, confirm=True)
+                    sftp.utime(tmp, (int(st.st_atime), int(st.st_mtime)))
+                    sftp.chmod(tmp, stat.S_IMODE(st.st_mode))
+                    sftp.posix_rename(tmp, current)
                     stats.files_sent += 1
                     stats.bytes_sent += st.st_size
                     stats.sent.append(rel)
@@ -837,8 +841,8 @@ class Connection:
                 if not stat.S_ISDIR(sftp.stat(cur).st_mode or 0):
                     raise NotADirectoryError(f"{cur} exists and is not a directory")
             except FileNotFoundError:
-                sftp.mkdir(cur)
-                stats.dirs_created += 1
+                if _mkdir(sftp, cur):
+                    stats.dirs_created += 1
 
     def close(self) -> None:
         if self._sftp is not None:
@@ -851,6 +855,21 @@ class Connection:
         if self._jump is not None:
             self._jump.close()
             self._jump = None
+
+
+def _mkdir(sftp: paramiko.SFTPClient, path: str) -> bool:
+    """mkdir that tolerates losing a race: another node syncing into the same shared directory
+    may create it first. True when this call created it."""
+    try:
+        sftp.mkdir(path)
+        return True
+    except OSError:
+        try:
+            if stat.S_ISDIR(sftp.stat(path).st_mode or 0):
+                return False
+        except OSError:
+            pass
+        raise
 
 
 def _sftp_path(remote: str) -> str:

@@ -108,7 +108,7 @@ class Job:
 
 def write_job(tmp_path: Path, ssh_cluster, nodes, tokenizer: str, *, tag: str, workdir: str = str(ROOT),
               sync: bool = False, env: dict[str, str] | None = None, max_steps: int = 4,
-              rdzv_port: int | None = None) -> Job:
+              rdzv_port: int | None = None, train: dict | None = None) -> Job:
     """A 2-processes-per-node CPU job on `nodes`: hidden 32, 2 layers, 64 rows of 64 tokens."""
     name = f"mn-{tag}-{uuid.uuid4().hex[:6]}"
     out = tmp_path / "out"
@@ -139,6 +139,7 @@ def write_job(tmp_path: Path, ssh_cluster, nodes, tokenizer: str, *, tag: str, w
             "device": "cpu",
             "checkpoint": {"export": False},
             "output_dir": str(out),
+            **(train or {}),
         },
     }
     path = tmp_path / f"{name}.yaml"
@@ -279,6 +280,24 @@ def test_two_nodes_shared_workdir(tmp_path, ssh_cluster, tokenizer, launch):
     run = launch(job)
     check_finished_run(run, job, max_steps=4)
     assert "world size 4" in run.stderr
+
+
+def test_hsdp_across_two_nodes_matches_ddp(tmp_path, ssh_cluster, tokenizer, launch):
+    """hsdp over SSH: parameters sharded over each node's 2 ranks, replicated across the 2
+    nodes (a 2-D mesh spanning both), on the same trajectory as ddp on the same 4 ranks."""
+    nodes = ssh_cluster(2)
+    losses = {}
+    for strategy in ("hsdp", "ddp"):
+        (tmp_path / strategy).mkdir()
+        job = write_job(tmp_path / strategy, ssh_cluster, nodes, tokenizer, tag=strategy, max_steps=4,
+                        train={"parallel": {"strategy": strategy}})
+        run = launch(job)
+        check_finished_run(run, job, max_steps=4)
+        assert f"{strategy} on 4 rank(s)" in run.stdout, run.output()
+        losses[strategy] = [json.loads(x)["loss"] for x in (job.out / "metrics.jsonl").read_text().splitlines()
+                            if "loss" in json.loads(x)]
+    assert len(losses["hsdp"]) == 4
+    assert losses["hsdp"] == pytest.approx(losses["ddp"], rel=1e-4)
 
 
 _NAMESPACED_SSHD = """#!/bin/sh

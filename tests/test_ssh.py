@@ -465,3 +465,35 @@ def test_proxy_jump_goes_through_the_jump_node(ssh_cluster, tmp_path):
         ssh.connect(dest.target(proxy_jump=f"{down.host}:{down.port}"))
     assert f"node {dest.name} (via ProxyJump" in str(info.value)
     assert "connection refused" in str(info.value)
+
+
+def test_put_tree_from_several_nodes_into_one_shared_directory(ssh_cluster, tmp_path):
+    """`sync: true` with a workdir on a shared filesystem: every node pushes into the same
+    directory at once. Lost mkdir races are fine and files are renamed into place whole."""
+    import threading
+
+    nodes = ssh_cluster(3)
+    src = tmp_path / "proj"
+    for i in range(20):
+        p = src / f"d{i % 4}" / f"sub{i % 3}" / f"f{i}.py"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(f"x = {i}\n" * (200 + i))
+    shared = tmp_path / "shared workdir"
+    errors: list[BaseException] = []
+
+    def push(node) -> None:
+        try:
+            with ssh.connect(node.target()) as c:
+                c.put_tree(src, str(shared))
+        except BaseException as e:  # collected: the assertion below names them
+            errors.append(e)
+
+    threads = [threading.Thread(target=push, args=(n,)) for n in nodes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    for p in src.rglob("*.py"):
+        assert (shared / p.relative_to(src)).read_text() == p.read_text()
+    assert not list(shared.rglob("*.tmp")), "no temporary file left behind"
