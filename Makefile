@@ -11,6 +11,11 @@ test:
 	bash scripts/setup.sh --test
 	.venv/bin/python -m pytest -q
 
+# The CPU benchmarks of benchmarks/README.md (fan-out needs Debian's pdsh; gpu_check needs a GPU).
 bench:
 	bash scripts/setup.sh --test
-	.venv/bin/python benchmarks/run_all.py
+	command -v pdsh >/dev/null || apt-get install -y -qq pdsh >/dev/null
+	.venv/bin/python benchmarks/cli_startup.py
+	.venv/bin/python benchmarks/data_stats.py
+	OMP_NUM_THREADS=2 .venv/bin/python benchmarks/train_throughput.py --repeats 3
+	.venv/bin/python benchmarks/fanout.py
