@@ -25,7 +25,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -161,3 +161,25 @@ def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
 def read_eval_metrics(output_dir: Path) -> list[dict[str, Any]]:
     lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if "eval_loss" in r]
+
+
+def torchrun_worker(body: Callable[[Any], None]) -> None:
+    """The frame of a test script that torchrun runs on every rank: a gloo process group, `body(env)`,
+    and always the exit through `train.distributed.shutdown` (barrier, destroy, flush, os._exit),
+    without which gloo aborts at interpreter exit in about 1 run in 8 (see DESIGN.md)."""
+    import traceback
+
+    import torch
+
+    from train import distributed as D
+
+    env = D.DistEnv.from_env()
+    code, clean = 1, False
+    try:
+        D.init_process_group(env, torch.device("cpu"))
+        body(env)
+        code, clean = 0, True
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        D.shutdown(code, clean=clean)

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import torchrun_worker
+
 ROOT = Path(__file__).resolve().parents[1]
 DIMS = dict(n_layers=4, hidden=64, ffn=170, heads=4, vocab=256)
 TOLERANCE = 0.05
@@ -155,15 +157,9 @@ def _measure(name, dims, parallel, strategy, degrees, rank: int) -> dict:
 def _worker(out_path: str, world: int) -> None:
     import gc
 
-    import torch
     import torch.distributed as dist
 
-    from train import distributed as D
-
-    env = D.DistEnv.from_env()
-    code, clean = 1, False
-    try:
-        D.init_process_group(env, torch.device("cpu"))
+    def body(env) -> None:
         rows = []
         for layout in _layouts(world):
             rows.append(_measure(*layout, rank=env.rank))
@@ -172,13 +168,8 @@ def _worker(out_path: str, world: int) -> None:
         dist.all_gather_object(gathered, rows)
         if env.is_rank0:
             Path(out_path).write_text(json.dumps([r for per_rank in gathered for r in per_rank], indent=1))
-        code, clean = 0, True
-    except BaseException:
-        import traceback
 
-        traceback.print_exc()
-    finally:
-        D.shutdown(code, clean=clean)  # barrier, destroy, os._exit: the gloo exit-abort pitfall
+    torchrun_worker(body)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import torchrun_worker
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
 GLOBAL_ROWS = 16  # sequences per optimizer step, whatever the layout
@@ -376,15 +378,10 @@ def _worker(out_path: str, world: int) -> None:
     import gc
     import tempfile
 
-    import torch
-
     from train import checkpoint as ckpt
     from train import distributed as D
 
-    env = D.DistEnv.from_env()
-    code, clean = 1, False
-    try:
-        D.init_process_group(env, torch.device("cpu"))
+    def body(env) -> None:
         steps = _global_batches(STEPS + 1)
         train_steps, eval_rows = steps[:STEPS], steps[STEPS]
         reference, ref_state = _reference(train_steps, eval_rows)
@@ -424,13 +421,8 @@ def _worker(out_path: str, world: int) -> None:
             import shutil
 
             shutil.rmtree(ckpt_root, ignore_errors=True)
-        code, clean = 0, True
-    except BaseException:
-        import traceback
 
-        traceback.print_exc()
-    finally:
-        D.shutdown(code, clean=clean)  # barrier, destroy, os._exit: the gloo exit-abort pitfall
+    torchrun_worker(body)
 
 
 if __name__ == "__main__":

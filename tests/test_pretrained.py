@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import torchrun_worker
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -224,15 +226,12 @@ def _worker(tmp: str, out_path: str) -> None:
     import torch.distributed as dist
 
     from launcher.errors import ConfigError
-    from train import distributed as D
     from train.build import params_held_per_rank
     from train.models.baichuan import BaichuanForCausalLM, init_weights, num_params
 
-    env = D.DistEnv.from_env()
-    code, clean = 1, False
     folder = Path(tmp)
-    try:
-        D.init_process_group(env, torch.device("cpu"))
+
+    def body(env) -> None:
         cfg = _tiny_cfg()
         torch.manual_seed(SEED)
         reference_init = BaichuanForCausalLM(cfg)  # what a single process builds from `init`
@@ -269,13 +268,8 @@ def _worker(tmp: str, out_path: str) -> None:
             result["errors"][case] = errors
         if env.is_rank0:
             Path(out_path).write_text(json.dumps(result, indent=1))
-        code, clean = 0, True
-    except BaseException:
-        import traceback
 
-        traceback.print_exc()
-    finally:
-        D.shutdown(code, clean=clean)  # barrier, destroy, os._exit: the gloo exit-abort pitfall
+    torchrun_worker(body)
 
 
 if __name__ == "__main__":
