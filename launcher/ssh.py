@@ -12,8 +12,9 @@ What it gives the launcher:
 - `Connection.run` (drains stdout and stderr while waiting, with a deadline),
   `Connection.start` (a streaming job in a pty, so an SSH hangup reaches it),
   `Connection.put_tree` (SFTP sync of only the changed files).
-- `shell_command` / `job_command`: one `sh -c`-safe line with the environment inside the command
-  (paramiko's `environment=` is dropped unless the server has `AcceptEnv`).
+- The commands it runs are built by `launcher.shell` (`shell_command` / `job_command`): one
+  `sh -c`-safe line with the environment inside the command (paramiko's `environment=` is
+  dropped unless the server has `AcceptEnv`).
 - `list_run_processes` / `kill_run`: find and end exactly the processes whose environment carries
   `MLAUNCH_RUN_ID=<run id>` — torchrun starts its workers in new sessions, so neither its process
   group nor a name match reaches them.
@@ -51,8 +52,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 import paramiko
 
 from launcher.errors import ConfigError, MlaunchError
-# Shell lines are pure and shared with the plan; re-exported here for callers of this module.
-from launcher.shell import PID_MARKER, RUN_ID_VAR, job_command, quote_path as _quote_dir, shell_command  # noqa: F401
+from launcher.shell import PID_MARKER, quote_path as _quote_dir
 
 # paramiko logs failures (e.g. "Secsh channel 0 open FAILED") that we turn into one-line
 # MlaunchErrors; without a handler of its own, Python's last-resort handler would print them to

@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from launcher import ssh
+from launcher import shell, ssh
 from launcher.errors import ConfigError, MlaunchError
 
 # Values that break naive quoting: each must arrive byte for byte.
@@ -69,7 +69,7 @@ def test_shell_command_survives_sh(tmp_path):
     env = {f"V{i}": v for i, v in enumerate(NASTY)}
     cwd = tmp_path / "dir with 'quote' and $(x)"
     cwd.mkdir()
-    line = ssh.shell_command([sys.executable, "-c", ECHO_BACK, *NASTY], env, cwd=str(cwd))
+    line = shell.shell_command([sys.executable, "-c", ECHO_BACK, *NASTY], env, cwd=str(cwd))
     assert "\n" not in line.replace("line1\nline2", "")  # only inside quotes
     out = subprocess.run(["sh", "-c", line], capture_output=True, text=True, check=True).stdout
     got = json.loads(out)
@@ -80,7 +80,7 @@ def test_shell_command_survives_sh(tmp_path):
 
 def test_shell_command_rejects_bad_env_name():
     with pytest.raises(ConfigError, match="not valid"):
-        ssh.shell_command(["true"], {"A-B": "1"})
+        shell.shell_command(["true"], {"A-B": "1"})
 
 
 def test_resolve_applies_ssh_config_and_explicit_values_win(tmp_path):
@@ -244,7 +244,7 @@ def test_run_drains_large_stdout_and_stderr(ssh_cluster):
     )
     with ssh.connect(node.target()) as c:
         t0 = time.monotonic()
-        res = c.run(ssh.shell_command(["python3", "-c", prog], {}), timeout=30)
+        res = c.run(shell.shell_command(["python3", "-c", prog], {}), timeout=30)
         assert time.monotonic() - t0 < 20
         assert res.exit_code == 3
         assert len(res.stdout) == len(res.stderr) == 96 * 65536
@@ -260,7 +260,7 @@ def test_env_and_args_arrive_verbatim(ssh_cluster):
     env = {f"V{i}": v for i, v in enumerate(NASTY)}
     cwd = Path(node.workdir) / "a dir $(x) `y`"
     cwd.mkdir(exist_ok=True)
-    line = ssh.shell_command(["python3", "-c", ECHO_BACK, *NASTY], env, cwd=str(cwd))
+    line = shell.shell_command(["python3", "-c", ECHO_BACK, *NASTY], env, cwd=str(cwd))
     with ssh.connect(node.target()) as c:
         res = c.run(line, timeout=10)
     assert res.ok, res.stderr
@@ -331,7 +331,7 @@ def test_closing_pty_channel_ends_remote_job(ssh_cluster):
     run_id = _run_id()
     loop = ["sh", "-c", "while :; do echo tick; sleep 0.1; done"]
     with ssh.connect(node.target()) as c:
-        job = c.start(ssh.job_command(loop, {"X": "1"}, run_id))
+        job = c.start(shell.job_command(loop, {"X": "1"}, run_id))
         pid = job.wait_pid(10)
         assert next(iter(job)) == "tick"  # no trailing \r from the pty
         assert pid in ssh.list_run_processes(c, run_id)
@@ -346,7 +346,7 @@ def test_start_streams_lines_pid_and_exit_code(ssh_cluster):
     (node,) = ssh_cluster(1)
     argv = ["sh", "-c", "echo one; echo 'two  words'; echo $$; printf 'no newline'; exit 5"]
     with ssh.connect(node.target()) as c:
-        job = c.start(ssh.job_command(argv, {}, _run_id(), cwd=node.workdir))
+        job = c.start(shell.job_command(argv, {}, _run_id(), cwd=node.workdir))
         lines = list(job)
         assert job.exit_status(timeout=10) == 5
         assert job.poll() == 5
@@ -379,16 +379,16 @@ def test_kill_run_ends_exactly_the_runs_processes(ssh_cluster):
         plain = int(c.run(bystander, timeout=10).stdout)
         other = int(
             c.run(
-                ssh.shell_command(
+                shell.shell_command(
                     ["sh", "-c", "setsid python3 -c 'import time; time.sleep(302)' "
                      "</dev/null >/dev/null 2>&1 & echo $!"],
-                    {ssh.RUN_ID_VAR: other_id},
+                    {shell.RUN_ID_VAR: other_id},
                 ),
                 timeout=10,
             ).stdout
         )
         try:
-            job = c.start(ssh.job_command(["python3", "-c", fake_torchrun], {}, run_id))
+            job = c.start(shell.job_command(["python3", "-c", fake_torchrun], {}, run_id))
             torchrun = job.wait_pid(10)
             ready = next(line for line in job if line.startswith("ready"))
             w1, w2 = (int(x) for x in ready.split()[1:])
