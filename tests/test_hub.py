@@ -169,7 +169,7 @@ def test_save_then_load_is_bit_identical(tmp_path, dtype):
     tok = tmp_path / "src.model"
     tok.write_bytes(b"not really a tokenizer")
     out = save_pretrained(model, cfg, tmp_path / "export", tokenizer_file=tok)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"]
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == str(dtype).split(".")[1]
     loaded, loaded_cfg = load_pretrained(out, dtype=dtype)
     assert loaded_cfg == cfg
@@ -308,3 +308,24 @@ def test_export_accepts_views_and_tied_tensors(tmp_path):
     loaded, _ = load_pretrained(out)
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+@pytest.mark.parametrize("name,repo,prefix", [
+    ("baichuan-7b", "baichuan-inc/Baichuan-7B", "BaiChuan"),
+    ("baichuan-13b", "baichuan-inc/Baichuan-13B-Base", "Baichuan"),
+    ("baichuan2-7b", "baichuan-inc/Baichuan2-7B-Base", "Baichuan"),
+    ("baichuan2-13b", "baichuan-inc/Baichuan2-13B-Base", "Baichuan"),
+])
+def test_export_points_at_the_published_remote_code(name: str, repo: str, prefix: str) -> None:
+    """An export's config.json and tokenizer_config.json name the published code by hub repo, so
+    `from_pretrained(export, trust_remote_code=True)` runs it; the variant still reads back."""
+    from train.models.baichuan import KNOWN_VARIANTS, BaichuanConfig
+
+    cfg = KNOWN_VARIANTS[name]
+    d = cfg.to_hf_dict()
+    assert d["architectures"] == [f"{prefix}ForCausalLM"]
+    assert d["auto_map"]["AutoModelForCausalLM"] == f"{repo}--modeling_baichuan.{prefix}ForCausalLM"
+    assert d["auto_map"]["AutoConfig"] == f"{repo}--configuration_baichuan.{prefix}Config"
+    assert cfg.tokenizer_config()["auto_map"]["AutoTokenizer"][0] == f"{repo}--tokenization_baichuan.{prefix}Tokenizer"
+    back = BaichuanConfig.from_hf_dict(d)
+    assert (back.position, back.norm_head, back.hidden_size) == (cfg.position, cfg.norm_head, cfg.hidden_size)

@@ -121,8 +121,13 @@ class BaichuanConfig:
         to the same variant without overrides (the key set is the tell-tale)."""
         if isinstance(torch_dtype, torch.dtype):
             torch_dtype = str(torch_dtype).removeprefix("torch.")
+        repo, prefix = self.published_code()
         d: dict[str, Any] = {
-            "architectures": ["BaichuanForCausalLM"],
+            "architectures": [f"{prefix}ForCausalLM"],
+            # The published remote code, referenced in its hub repo: an export loads with
+            # `AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=True)`.
+            "auto_map": {"AutoConfig": f"{repo}--configuration_baichuan.{prefix}Config",
+                         "AutoModelForCausalLM": f"{repo}--modeling_baichuan.{prefix}ForCausalLM"},
             "model_type": "baichuan",
             "bos_token_id": BOS_ID,
             "eos_token_id": EOS_ID,
@@ -150,6 +155,31 @@ class BaichuanConfig:
         if self.norm_head:
             d["z_loss_weight"] = self.z_loss_weight
         return d
+
+    def published_code(self) -> tuple[str, str]:
+        """(hub repo holding the remote code for this variant, its class-name prefix). Baichuan-7B's
+        code spells its classes `BaiChuan…`; the later releases `Baichuan…`."""
+        if self.norm_head:
+            return ("baichuan-inc/Baichuan2-7B-Base" if self.position == "rope" else "baichuan-inc/Baichuan2-13B-Base"), "Baichuan"
+        if self.position == "rope":
+            return "baichuan-inc/Baichuan-7B", "BaiChuan"
+        return "baichuan-inc/Baichuan-13B-Base", "Baichuan"
+
+    def tokenizer_config(self) -> dict[str, Any]:
+        """`tokenizer_config.json` for an export: the published SentencePiece tokenizer class, no
+        BOS/EOS added by the tokenizer (the model's own data pipeline appends EOS)."""
+        repo, prefix = self.published_code()
+        return {
+            "auto_map": {"AutoTokenizer": [f"{repo}--tokenization_baichuan.{prefix}Tokenizer", None]},
+            "tokenizer_class": f"{prefix}Tokenizer",
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "unk_token": "<unk>",
+            "pad_token": "<unk>",
+            "model_max_length": self.max_position_embeddings,
+        }
 
 
 # The published shapes. Treat as read-only; ``variant_config`` returns modified copies.

@@ -484,6 +484,7 @@ def save_state_dict(
         _write_json(tmp / "config.json", cfg.to_hf_dict(torch_dtype=torch_dtype))
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / "tokenizer.model")
+            _write_json(tmp / "tokenizer_config.json", cfg.tokenizer_config())
 
     return _write_atomically(Path(out_dir), write)
 
