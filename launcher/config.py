@@ -255,6 +255,7 @@ class CheckpointConfig(Section):
     resume: str = Field("auto", description="`auto`: continue from the newest complete checkpoint in `dir`; `never`; or a checkpoint path.")
     dir: str | None = Field(None, description="Checkpoint folder; default `<output_dir>/checkpoints`.")
     export: bool = Field(True, description="At the end, write the fine-tuned model in the hub layout (safetensors + config.json + tokenizer.model) to `<output_dir>/export`.")
+    export_dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="dtype of the exported weights: `bfloat16` as Baichuan publishes them (13B: 28 GB instead of 56 GB), or the fp32 master weights.")
 
 
 class TrainConfig(Section):

@@ -70,6 +70,8 @@ def write_job(tmp_path: Path, name: str = "job", **train: Any) -> Path:
         "schedule": {"warmup_steps": 1, "decay": "cosine"},
         "max_steps": 5,
         "device": "cpu",
+        # fp32 exports: tests compare exported weights with fp32 references at 1e-4 or bit for bit.
+        "checkpoint": {"export_dtype": "float32"},
         "output_dir": str(tmp_path / "run"),
     }
     tmp_path.mkdir(parents=True, exist_ok=True)

@@ -195,6 +195,8 @@ def train(job: JobConfig, env: DistEnv, dims: ParallelDims, device: torch.device
         if env.is_rank0:
             from train.models.hub import save_state_dict
 
+            dtype = getattr(torch, cfg.checkpoint.export_dtype)
+            state = {k: v.to(dtype) for k, v in state.items()}
             path = save_state_dict(state, mcfg, out_dir / "export", tokenizer_file=tokenizer_file)
             log.message(f"exported {path}")
     log.close()
