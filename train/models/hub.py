@@ -404,7 +404,13 @@ def _write_atomically(out_dir: Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         write(tmp)
+        # mkdtemp makes the folder 0700 (and safetensors its files 0600): an export is for the
+        # team, so it gets the modes a plain mkdir/open would (the user's umask).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
         for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask)
             _fsync(f)
         _publish_dir(tmp, out_dir)
     except BaseException:
