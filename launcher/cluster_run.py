@@ -130,6 +130,7 @@ class NodeJob:
     exit_code: int | None = None
     dropped: bool = False
     reader: threading.Thread | None = None
+    last_output: float = field(default_factory=time.monotonic)
 
 
 def run_on_cluster(cfg: JobConfig) -> int:
@@ -235,6 +236,7 @@ def _execute(cfg: JobConfig, the_plan: Plan, jobs: dict[str, NodeJob]) -> int:
             job.reader.start()
 
         failed: NodeJob | None = None
+        watch = _Silence(the_plan, cfg, jobs)
         while not stop.event.is_set():
             if all(j.exit_code is not None for j in jobs.values()):
                 break
@@ -244,6 +246,7 @@ def _execute(cfg: JobConfig, the_plan: Plan, jobs: dict[str, NodeJob]) -> int:
             changed.wait(0.5)
             changed.clear()
             _check_transports(jobs, changed)
+            watch.check()
 
         if stop.signum is not None:
             _say(f"stopping run {the_plan.run_id} on every node (signal {stop.signum})")
@@ -273,6 +276,34 @@ def _execute(cfg: JobConfig, the_plan: Plan, jobs: dict[str, NodeJob]) -> int:
         return 0
 
 
+class _Silence:
+    """Reports, at most every `launch.silence_warning_s`, that all nodes have gone quiet and what
+    they wait for: a rendezvous that cannot complete (a node that cannot reach the master, a
+    firewall) would otherwise wait out its join timeout without a word."""
+
+    def __init__(self, the_plan: Plan, cfg: JobConfig, jobs: dict[str, NodeJob]) -> None:
+        self.plan, self.cfg, self.jobs = the_plan, cfg, jobs
+        self.reported = time.monotonic()
+        self.after = cfg.launch.silence_warning_s
+
+    def check(self) -> None:
+        now = time.monotonic()
+        last = max(j.last_output for j in self.jobs.values())
+        if now - last < self.after or now - self.reported < self.after:
+            return
+        self.reported = now
+        started = any("rank(s)" in line for j in self.jobs.values() for line in j.tail)
+        if not started and self.plan.rendezvous is not None:
+            r = self.plan.rendezvous
+            _say(f"no output from any node for {now - last:.0f}s: still waiting for all {r.nnodes} node(s) to join the "
+                 f"rendezvous at {r.endpoint} (gives up after launch.rdzv.join_timeout_s="
+                 f"{self.cfg.launch.rdzv.join_timeout_s}s); `mlaunch nodes check` tests that every node reaches it")
+        else:
+            quietest = min(self.jobs.values(), key=lambda j: j.last_output)
+            _say(f"no output from any node for {now - last:.0f}s (quietest: {quietest.plan.name}, last line: "
+                 f"{(quietest.tail[-1] if quietest.tail else '-')[:120]!r}); Ctrl-C stops the run on every node")
+
+
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
@@ -284,6 +315,7 @@ def _read(job: NodeJob, prefix: str, lock: threading.Lock, changed: threading.Ev
             # A carriage-return redraw (a progress bar that slipped through): keep its final state.
             line = raw.rstrip("\r").rsplit("\r", 1)[-1]
             job.tail.append(line)
+            job.last_output = time.monotonic()
             job.log.write(line + "\n")
             job.log.flush()
             if not quiet.is_set():

@@ -134,6 +134,7 @@ class LaunchConfig(Section):
     monitor_interval_s: float = Field(1.0, gt=0, description="torchrun's worker health-check interval.")
     local_ranks_filter: list[int] | None = Field(None, description="Only these local ranks' output is shown (torchrun `--local-ranks-filter`); errors always print.")
     grace_period_s: float = Field(10.0, ge=0, description="On stop: seconds between SIGTERM and SIGKILL.")
+    silence_warning_s: float = Field(60.0, gt=0, description="Say what the run waits for (e.g. a node that never joins the rendezvous) when no node has printed anything for this long.")
 
     @field_validator("nproc_per_node")
     @classmethod

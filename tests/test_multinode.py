@@ -300,6 +300,21 @@ def test_hsdp_across_two_nodes_matches_ddp(tmp_path, ssh_cluster, tokenizer, lau
     assert losses["hsdp"] == pytest.approx(losses["ddp"], rel=1e-4)
 
 
+def test_a_node_late_to_the_rendezvous_is_reported_not_silent(tmp_path, ssh_cluster, tokenizer, launch):
+    """The second node starts torchrun 12 s late: the first waits at the rendezvous, and mlaunch
+    says so (and where) instead of staying mute; once both have joined the run completes."""
+    nodes = ssh_cluster(2)
+    job = write_job(tmp_path, ssh_cluster, nodes, tokenizer, tag="late", max_steps=2)
+    spec = yaml.safe_load(job.path.read_text())
+    spec["launch"]["silence_warning_s"] = 4
+    # SSH_CONNECTION holds the server's address: only the second node sleeps before its torchrun.
+    spec["cluster"]["setup"] = f'case "$SSH_CONNECTION" in *" {nodes[1].host} "*) sleep 12;; esac; echo "node ready in $PWD"'
+    job.path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    run = launch(job)
+    assert run.wait(timeout=180) == 0, run.output()
+    assert "still waiting for all 2 node(s) to join the rendezvous at" in run.stderr, run.output()
+
+
 _NAMESPACED_SSHD = """#!/bin/sh
 # sshd in a mount namespace of its own, in which {target} is this node's private work directory
 # (<node dir>/work): one cluster.workdir path, a different disk behind it on every node.
