@@ -180,8 +180,10 @@ def _prepare_nodes(cfg: JobConfig, the_plan: Plan, conns: dict[str, Any]) -> Non
     with ThreadPoolExecutor(max_workers=min(cluster.ssh.max_parallel, len(the_plan.nodes))) as pool:
         errors = [f.exception() for f in [pool.submit(prepare, n) for n in the_plan.nodes]]
     errs = [e for e in errors if e is not None]
-    if errs:
-        raise errs[0] if isinstance(errs[0], MlaunchError) else MlaunchError(f"preparing the nodes failed: {errs[0]}")
+    if len(errs) == 1 and isinstance(errs[0], MlaunchError):
+        raise errs[0]
+    if errs:  # every node that failed, not just the first
+        raise MlaunchError(f"preparing {len(errs)} node(s) failed, nothing started: " + "; ".join(str(e) for e in errs))
 
     master = the_plan.nodes[0]
     if the_plan.rendezvous.master_addr == master.addr:
@@ -199,16 +201,17 @@ def _put_text(conn: Any, workdir: str, relpath: str, text: str) -> None:
     cmd = (f"mkdir -p {quote_path(parent)} && cat > {quoted}.tmp$$ && mv -f {quoted}.tmp$$ {quoted}")
     chan = conn.transport.open_session(timeout=30)
     try:
+        chan.settimeout(60)  # every operation has a deadline
         chan.exec_command(cmd)
         chan.sendall(text.encode())
         chan.shutdown_write()
+        if not chan.status_event.wait(60):
+            raise MlaunchError(f"node {conn.label}: writing {dest} did not finish within 60s; check the node and its disk")
         code = chan.recv_exit_status()
     finally:
         chan.close()
     if code != 0:
         raise MlaunchError(f"node {conn.label}: cannot write {dest} (exit {code}); check that cluster.workdir is writable")
-
-
 
 
 def _execute(cfg: JobConfig, the_plan: Plan, jobs: dict[str, NodeJob]) -> int:
