@@ -53,7 +53,8 @@ def test_alone_without_torchrun_trains_and_exports(tmp_path):
     assert "skipped" in result.stderr  # the bad-row count is reported
 
 
-def test_sigterm_stops_cleanly_with_nonzero_exit(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "ctrl-c"])
+def test_signal_stops_cleanly_with_nonzero_exit(tmp_path, sig):
     cfg = write_job(tmp_path, max_steps=100000, checkpoint={"every_steps": 3, "export": True})
     run_id = uuid.uuid4().hex
     proc = start_train(cfg, run_id=run_id)
@@ -63,13 +64,13 @@ def test_sigterm_stops_cleanly_with_nonzero_exit(tmp_path):
         assert proc.poll() is None, proc.communicate()[1]
         assert time.monotonic() < deadline, "training did not start"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     try:
         _, err = proc.communicate(timeout=30)
     finally:
         kill_run(proc, run_id)
         wait_gone(run_id)
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert proc.returncode == 128 + sig, err
     assert "stopped by signal" in err and "Traceback" not in err
     ckpts = tmp_path / "run" / "checkpoints"
     assert not list(ckpts.glob("*.tmp")) and all((p / MARKER).is_file() for p in ckpts.iterdir())

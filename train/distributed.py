@@ -121,8 +121,9 @@ def broadcast_object(obj, src: int = 0):
 
 
 class StopFlag:
-    """Set by SIGTERM (torchrun forwards it to workers on stop). The loop agrees on it across
-    ranks at the next step boundary, so every rank stops at the same step."""
+    """Set by SIGTERM (torchrun forwards it to workers on stop) or Ctrl-C (`python -m train` run
+    by hand). The loop agrees on it across ranks at the next step boundary, so every rank stops
+    at the same step; a second Ctrl-C interrupts at once."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -130,11 +131,18 @@ class StopFlag:
 
     def install(self) -> "StopFlag":
         signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
-        self.signum = signum
+        self.signum = self.signum or signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal, as shells report a job ended by it (130 for Ctrl-C, 143 for SIGTERM)."""
+        return 128 + (self.signum or signal.SIGTERM)
 
 
 def shutdown(exit_code: int, *, clean: bool) -> None:

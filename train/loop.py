@@ -33,7 +33,6 @@ from train.models.baichuan import flops_per_token, num_params
 from train.parallel.base import ParallelDims, Parallelized, parallelize, target_tokens
 from train.parallel.mesh import build_mesh
 
-EXIT_STOPPED = 128 + 15  # SIGTERM's conventional exit status
 
 
 
@@ -189,7 +188,7 @@ def train(job: JobConfig, env: DistEnv, dims: ParallelDims, device: torch.device
     if stopped:
         log.message(f"stopped by signal at step {step}; resume continues from the last complete checkpoint")
         log.close()
-        return EXIT_STOPPED
+        return stop.exit_code
     if cfg.checkpoint.export:
         state = par.full_state_dict_for_export()
         if env.is_rank0:
