@@ -72,6 +72,49 @@ def cluster_spec(cfg: JobConfig, *, standalone: bool, gpus: dict[int, int] | Non
     )
 
 
+def _workload(cfg: JobConfig, spec: Any) -> Any:
+    from launcher import planner
+
+    par = cfg.train.parallel
+    return planner.Workload(seq_len=cfg.train.data.max_length, micro_batch=cfg.train.data.micro_batch_size,
+                            grad_accum=cfg.train.grad_accum, mixed_precision=spec.gpu_name != "cpu",
+                            pp_microbatches=par.microbatches,
+                            pp_schedule="gpipe" if par.schedule == "gpipe" else "1f1b")
+
+
+def assess(cfg: JobConfig, *, standalone: bool, gpus: dict[int, int] | None) -> Any:
+    """The planner's estimate for the layout the user chose (not `auto`): (the candidate with the
+    same strategy, degrees and recomputation, the memory budget in bytes), or None when the
+    model's size is unknown here.
+    `mlaunch plan` shows it, and warns when it predicts the layout will not fit."""
+    from launcher import planner
+
+    par = cfg.train.parallel
+    try:
+        dims, _ = model_dims(cfg)
+    except ConfigError:
+        return None
+    spec = cluster_spec(cfg, standalone=standalone, gpus=gpus)
+    world = spec.world_size
+    if par.strategy == "pipeline":
+        dp = world // par.pp
+        strategy = "pipeline" if dp == 1 else ("pipeline+fsdp" if par.dp_shard else "pipeline+ddp")
+        degrees = {"pp": par.pp} if dp == 1 else {"pp": par.pp, ("shard" if par.dp_shard else "dp"): dp}
+    elif par.strategy == "hsdp":
+        strategy, degrees = "hsdp", {"replicate": spec.nnodes, "shard": spec.gpus_per_node}
+    elif par.strategy == "fsdp":
+        strategy, degrees = "fsdp", {"shard": world}
+    else:
+        strategy, degrees = "ddp", {"dp": world}
+    try:
+        candidates = planner.enumerate_candidates(dims, spec, _workload(cfg, spec), par.memory_budget, allowed=[strategy],
+                                                  recompute=[cfg.train.model.activation_checkpointing])
+    except (ConfigError, ValueError):
+        return None
+    chosen = next((c for c in candidates if c.strategy == strategy and c.degrees == degrees), None)
+    return None if chosen is None else (chosen, int(par.memory_budget * spec.gpu_mem_bytes))
+
+
 def resolve_parallel(cfg: JobConfig, *, standalone: bool, gpus: dict[int, int] | None) -> tuple[JobConfig, Any]:
     """For `auto`: (config with the chosen strategy written in, planner Decision); else (cfg, None)."""
     par = cfg.train.parallel
@@ -81,11 +124,7 @@ def resolve_parallel(cfg: JobConfig, *, standalone: bool, gpus: dict[int, int] |
 
     dims, source = model_dims(cfg)
     spec = cluster_spec(cfg, standalone=standalone, gpus=gpus)
-    work = planner.Workload(seq_len=cfg.train.data.max_length, micro_batch=cfg.train.data.micro_batch_size,
-                            grad_accum=cfg.train.grad_accum, mixed_precision=spec.gpu_name != "cpu",
-                            pp_microbatches=par.microbatches,
-                            pp_schedule="gpipe" if par.schedule == "gpipe" else "1f1b")
-    decision = planner.plan_parallel(dims, spec, work, memory_budget=par.memory_budget)
+    decision = planner.plan_parallel(dims, spec, _workload(cfg, spec), memory_budget=par.memory_budget)
     decision.notes.append(f"model dimensions from {source}; cluster {spec.describe()}")
     chosen = decision.chosen
     if chosen is None:
@@ -102,8 +141,9 @@ def resolve_parallel(cfg: JobConfig, *, standalone: bool, gpus: dict[int, int] |
     return resolved, decision
 
 
-def summary(cfg: JobConfig, decision: Any) -> dict[str, Any]:
-    """What `plan --json` shows under `parallel` (the strategy the ranks will run)."""
+def summary(cfg: JobConfig, decision: Any, estimate: Any = None) -> dict[str, Any]:
+    """What `plan --json` shows under `parallel`: the strategy the ranks will run, and why (the
+    planner's decision for `auto`, its estimate of the chosen layout otherwise)."""
     par = cfg.train.parallel
     out: dict[str, Any] = {"strategy": par.strategy, "activation_checkpointing": cfg.train.model.activation_checkpointing}
     if par.strategy == "pipeline":
@@ -114,6 +154,10 @@ def summary(cfg: JobConfig, decision: Any) -> dict[str, Any]:
         out["chosen_by"] = "auto"
         out["reason"] = decision.reason
         out["decision"] = planner.decision_to_dict(decision)
+    if estimate is not None:
+        cand, budget = estimate
+        out["estimate"] = {"layout": cand.label, "memory_bytes": cand.memory["total"], "budget_bytes": budget,
+                           "fits": cand.fits, "step_time_s": cand.step_time_s, "tokens_per_s": cand.tokens_per_s}
     return out
 
 

@@ -31,7 +31,7 @@ def print_plan(plan: Plan, cfg: JobConfig, decision: Any) -> None:
     console.print(table)
     par = plan.parallel
     line = f"parallel: [bold]{par.get('strategy')}[/bold]"
-    extras = {k: v for k, v in par.items() if k not in ("strategy", "reason", "decision")}
+    extras = {k: v for k, v in par.items() if k not in ("strategy", "reason", "decision", "estimate")}
     if extras:
         line += " (" + ", ".join(f"{k}={v}" for k, v in extras.items()) + ")"
     console.print(line)
@@ -39,6 +39,15 @@ def print_plan(plan: Plan, cfg: JobConfig, decision: Any) -> None:
         from launcher import autoplan
 
         autoplan.print_decision(console, decision)
+    elif "estimate" in par:
+        est, gib = par["estimate"], 2**30
+        line = (f"planner's estimate for {est['layout']}: {est['memory_bytes'] / gib:.1f} GiB per GPU (budget "
+                f"{est['budget_bytes'] / gib:.1f} GiB), {est['step_time_s']:.3g} s per step ({est['tokens_per_s']:,.0f} tokens/s)")
+        if est["fits"]:
+            console.print(line)
+        else:
+            console.print(f"[bold red]warning:[/bold red] {line}: predicted NOT to fit; "
+                          "`train.parallel.strategy: auto` picks a layout that does")
     console.print(f"every rank reads: {plan.config_path}   outputs: {plan.output_dir}/")
     console.print("[bold]commands[/bold] (secret-looking env values masked):")
     for n in plan.nodes:

@@ -61,7 +61,7 @@ def build_plan(
         addrs=addrs,
         gpus=gpus,
         python=sys.executable if local else None,
-        parallel=autoplan.summary(cfg, decision),
+        parallel=autoplan.summary(cfg, decision, None if decision else autoplan.assess(cfg, standalone=local, gpus=gpus)),
     )
     _check_layout(the_plan)
     return the_plan, decision

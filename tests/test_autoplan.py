@@ -57,3 +57,19 @@ def test_nothing_fits_names_the_smallest_cluster() -> None:
                      "data": {"max_length": 2048, "micro_batch_size": 1}}}
     with pytest.raises(ConfigError, match=r"auto: Nothing fits.*node"):
         resolve_parallel(validate(job), standalone=False, gpus=None)
+
+
+@pytest.mark.parametrize("strategy,fits", [("fsdp", True), ("ddp", False)])
+def test_plan_estimates_the_layout_the_user_chose(strategy: str, fits: bool) -> None:
+    """Not `auto`: the plan still says what the planner expects of the chosen layout, and a
+    13B ddp run is flagged as not fitting 80 GB GPUs before anything is launched."""
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", "plan", "configs/baichuan13b.yaml", "--json",
+                           "--set", f"train.parallel.strategy={strategy}"], capture_output=True, text=True, cwd=ROOT,
+                          check=True, timeout=60)
+    est = json.loads(proc.stdout)["parallel"]["estimate"]
+    assert est["layout"].startswith(strategy) and est["fits"] is fits
+    assert (est["memory_bytes"] <= est["budget_bytes"]) is fits
+    text = subprocess.run([sys.executable, "-m", "launcher.cli", "plan", "configs/baichuan13b.yaml",
+                           "--set", f"train.parallel.strategy={strategy}"], capture_output=True, text=True, cwd=ROOT,
+                          check=True, timeout=60).stdout
+    assert ("predicted NOT to fit" in text) is not fits
