@@ -173,9 +173,9 @@ def _prepare_nodes(cfg: JobConfig, the_plan: Plan, conns: dict[str, Any]) -> Non
         conn = conns[node.name]
         if cluster.sync:
             excludes = [cfg.train.output_dir, "runs", *cluster.sync_exclude]
-            stats = conn.put_tree(project, cluster.workdir, exclude_globs=excludes)
+            stats = conn.put_tree(project, node.workdir, exclude_globs=excludes)
             _say(f"{node.name}: synced {stats}")
-        _put_text(conn, cluster.workdir, the_plan.config_path, config_text)
+        _put_text(conn, node.workdir, the_plan.config_path, config_text)
 
     with ThreadPoolExecutor(max_workers=min(cluster.ssh.max_parallel, len(the_plan.nodes))) as pool:
         errors = [f.exception() for f in [pool.submit(prepare, n) for n in the_plan.nodes]]
@@ -187,7 +187,7 @@ def _prepare_nodes(cfg: JobConfig, the_plan: Plan, conns: dict[str, Any]) -> Non
 
     master = the_plan.nodes[0]
     if the_plan.rendezvous.master_addr == master.addr:
-        reason = check_port_free(conns[master.name], cluster.python, master.addr, the_plan.rendezvous.port)
+        reason = check_port_free(conns[master.name], master.argv[0], master.addr, the_plan.rendezvous.port)
         if reason:
             raise MlaunchError(f"rendezvous port {the_plan.rendezvous.port} on {master.name} ({master.addr}) is not free: "
                                f"{reason}; stop what holds it or set launch.rdzv.port")

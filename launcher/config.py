@@ -41,6 +41,8 @@ class NodeSpec(Section):
     name: str | None = Field(None, description="Short name used in log prefixes and `<output_dir>/logs/<name>.log`; default `host` (plus `:port` when ports differ).")
     identity_file: str | None = Field(None, description="Private key for this node; default `cluster.ssh.identity_file`.")
     gpus: int | None = Field(None, ge=0, description="GPUs on this node, used when `launch.nproc_per_node: auto` cannot ask the node (plan only).")
+    workdir: str | None = Field(None, description="This node's project directory, when it differs from `cluster.workdir`.")
+    python: str | None = Field(None, description="This node's interpreter, when it differs from `cluster.python`.")
 
     @field_validator("host")
     @classmethod
@@ -108,6 +110,12 @@ class ClusterConfig(Section):
 
     def node_port(self, i: int) -> int:
         return self.nodes[i].port or self.ssh.port
+
+    def node_workdir(self, i: int) -> str:
+        return self.nodes[i].workdir or self.workdir
+
+    def node_python(self, i: int) -> str:
+        return self.nodes[i].python or self.python
 
     def node_name(self, i: int) -> str:
         node = self.nodes[i]

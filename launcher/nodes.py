@@ -150,13 +150,14 @@ def check(path: Path, *, overrides: list[str], as_json: bool, collective: bool) 
             if isinstance(conn, Exception):
                 rep.add("ssh", False, str(conn).removeprefix(f"node {name}: "), _ssh_fix(str(conn)))
                 return
+            i = names.index(name)
             try:
-                probe_node(rep, conn)
+                probe_node(rep, conn, cluster.node_python(i), cluster.node_workdir(i))
             except MlaunchError as e:  # a command timed out or the connection died: this node only
                 rep.add("ssh" if not rep.checks else "probe", False, str(e).removeprefix(f"node {name}: "),
                         "check the node's load and the connection; rerun the check")
 
-        def probe_node(rep: NodeReport, conn: Any) -> None:
+        def probe_node(rep: NodeReport, conn: Any, python: str, workdir: str) -> None:
             # SSH round trip: opening a channel, no process started on the node.
             start = time.monotonic()
             conn.transport.open_session(timeout=_CMD_TIMEOUT_S).close()
@@ -164,12 +165,12 @@ def check(path: Path, *, overrides: list[str], as_json: bool, collective: bool) 
             rep.facts["latency_ms"] = round(rtt * 1000, 1)
             rep.add("ssh", True, f"{rtt * 1000:.0f} ms")
             sent = time.time()
-            res = conn.run(_cmd(cluster.python, _PROBE, cluster.workdir), timeout=120)
+            res = conn.run(_cmd(python, _PROBE, workdir), timeout=120)
             back = time.time()
             line = next((x for x in res.stdout.splitlines() if x.startswith("MLAUNCH_PROBE=")), None)
             if res.exit_code != 0 or line is None:
                 err = (res.stderr.strip().splitlines() or [f"exit {res.exit_code}"])[-1]
-                rep.add("python", False, f"{cluster.python}: {err}", "set cluster.python to the interpreter that has torch (e.g. ~/venv/bin/python)")
+                rep.add("python", False, f"{python}: {err}", "set cluster.python (or the node's python) to the interpreter that has torch (e.g. ~/venv/bin/python)")
                 return
             facts = json.loads(line.split("=", 1)[1])
             rep.facts.update(facts)
@@ -188,7 +189,7 @@ def check(path: Path, *, overrides: list[str], as_json: bool, collective: bool) 
             rep.add("clock", lo <= 1.0 and hi >= -1.0, f"{offset:+.3f} ± {error:.3f} s",
                     "sync the clocks (chrony/ntp): logs and timeouts compare times across nodes")
             disk = facts.get("disk_free_gb")
-            rep.add("disk", disk is not None and disk >= 1.0, f"{disk} GB free", f"free space under {cluster.workdir}")
+            rep.add("disk", disk is not None and disk >= 1.0, f"{disk} GB free", f"free space under {workdir}")
             gpus = facts.get("gpus") or []
             if gpus:
                 names_ = sorted({g["name"] for g in gpus})
@@ -245,7 +246,7 @@ def _check_rendezvous(cluster: ClusterConfig, names: list[str], conns: dict, rep
         return
     addr = cluster.nodes[0].addr or cluster_run.resolve_addr(cluster_run.targets_for(job)[master])
     # In a pty, so closing the channel hangs the listener up: the port is free again at once.
-    listener = mconn.start("exec " + _cmd(cluster.python, _LISTEN, addr, str(port), "60"), pty=True)
+    listener = mconn.start("exec " + _cmd(cluster.node_python(0), _LISTEN, addr, str(port), "60"), pty=True)
     first = ""
     deadline = time.monotonic() + 20
     while not first and time.monotonic() < deadline and not listener.at_eof:
@@ -265,7 +266,7 @@ def _check_rendezvous(cluster: ClusterConfig, names: list[str], conns: dict, rep
                 return
             fix = f"open TCP {port} from this node to {addr} (firewall/security group), or set cluster.nodes[0].addr"
             try:
-                res = conn.run(_cmd(cluster.python, _DIAL, addr, str(port), "5"), timeout=_CMD_TIMEOUT_S)
+                res = conn.run(_cmd(cluster.node_python(names.index(name)), _DIAL, addr, str(port), "5"), timeout=_CMD_TIMEOUT_S)
             except MlaunchError as e:  # this node's report, not the whole check
                 reports[name].add("rdzv-reach", False, str(e).removeprefix(f"node {name}: "), fix)
                 return

@@ -168,7 +168,7 @@ def make_plan(
     for i, spec in enumerate(cluster.nodes):
         nproc, why = _nproc(launch.nproc_per_node, (gpus or {}).get(i), spec.gpus)
         world += nproc
-        argv = [python or cluster.python, *TORCHRUN, "--nnodes", nnodes, "--nproc-per-node", str(nproc)]
+        argv = [python or cluster.node_python(i), *TORCHRUN, "--nnodes", nnodes, "--nproc-per-node", str(nproc)]
         if rdzv.backend == "static":
             argv += ["--node-rank", str(i), "--master-addr", rdzv.master_addr, "--master-port", str(rdzv.port)]
         else:
@@ -181,7 +181,7 @@ def make_plan(
         argv += ["--max-restarts", str(launch.max_restarts), "--monitor-interval", _num(launch.monitor_interval_s),
                  *ranks_filter, *train_args]
         nodes.append(NodePlan(i, cluster.node_name(i), spec.host, cluster.node_port(i), spec.user or cluster.ssh.user,
-                              node_addr[i], cluster.workdir, nproc, why, argv, dict(env_common), cluster.setup))
+                              node_addr[i], cluster.node_workdir(i), nproc, why, argv, dict(env_common), cluster.setup))
     return Plan(job, run_id, False, rdzv, nodes, world, config_path, cfg.train.output_dir, parallel or {}, cfg)
 
 

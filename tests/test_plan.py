@@ -122,3 +122,11 @@ def test_bad_parallel_layout_fails_before_anything_runs(overrides: list[str], fr
     proc = subprocess.run([sys.executable, "-m", "launcher.cli", "plan", "configs/tiny.yaml", *args],
                           capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 2 and fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_per_node_workdir_and_python() -> None:
+    job = cluster_job(2)
+    job["cluster"]["nodes"][1].update(workdir="/scratch/proj", python="/opt/py/bin/python")
+    plan = make_plan(validate(job), run_id="r", config_path="c.yaml")
+    assert plan.nodes[0].argv[0] == "~/venv/bin/python" and plan.nodes[0].workdir == "~/proj"
+    assert plan.nodes[1].argv[0] == "/opt/py/bin/python" and "cd /scratch/proj &&" in plan.nodes[1].command()
