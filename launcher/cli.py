@@ -99,15 +99,13 @@ def main() -> None:
     except KeyboardInterrupt:
         print("mlaunch: interrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as e:  # click's usage errors and aborts
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:  # usage errors and aborts from click (which typer may vendor as typer._click)
+        if hasattr(e, "format_message") and hasattr(e, "exit_code"):
             if debug:
                 raise
             print(f"mlaunch: error: {e.format_message()} (see `mlaunch --help`)", file=sys.stderr)
             sys.exit(2)
-        if isinstance(e, click.exceptions.Abort):
+        if type(e).__name__ == "Abort":
             sys.exit(130)
         raise
 

@@ -120,3 +120,17 @@ def test_shipped_configs_load() -> None:
 def test_schema_module_does_not_import_torch() -> None:
     code = "import sys, launcher.config, launcher.plan, launcher.cli; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["bogus"], "No such command"),
+    (["plan"], "Missing argument"),
+    (["plan", "configs/tiny.yaml", "--bogus"], "No such option"),
+    (["nodes", "check", "/nonexistent/cluster.yaml"], "not found"),
+])
+def test_usage_errors_are_one_line_exit_2(args: list[str], fragment: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MLAUNCH_DEBUG"}
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and fragment in proc.stderr and "Traceback" not in proc.stderr
