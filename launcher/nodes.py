@@ -148,7 +148,7 @@ def check(path: Path, *, overrides: list[str], as_json: bool, collective: bool) 
         def probe(name: str) -> None:
             rep, conn = reports[name], conns[name]
             if isinstance(conn, Exception):
-                rep.add("ssh", False, str(conn).removeprefix(f"node {name}: "), _ssh_fix(str(conn)))
+                rep.add("ssh", False, *_ssh_problem(str(conn).removeprefix(f"node {name}: ")))
                 return
             i = names.index(name)
             try:
@@ -217,6 +217,13 @@ def check(path: Path, *, overrides: list[str], as_json: bool, collective: bool) 
     else:
         _print(reports, ok)
     return 0 if ok else 1
+
+
+def _ssh_problem(msg: str) -> tuple[str, str]:
+    """(what, fix) of a connection failure. The SSH layer's messages read "what; how to fix it":
+    keep its own fix, which knows the case (a missing key file, the ssh-keyscan line to run)."""
+    what, _, fix = msg.partition("; ")
+    return (what, fix) if fix else (msg, _ssh_fix(msg))
 
 
 def _ssh_fix(msg: str) -> str:
