@@ -94,13 +94,15 @@ def _exported(run_dir):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_sigkill_then_resume_is_bit_identical(tmp_path, strategy):
     """SIGKILL the whole torchrun job once the checkpoint of step 4 is complete, plant
     half-written checkpoints, resume with `resume: auto`: the final weights equal, bit for bit,
     those of a run that was never interrupted (same seed). Mid-epoch, across epoch ends, with
-    gradient accumulation over 2 ranks."""
+    gradient accumulation over 2 ranks. Under fsdp the resumed model is built on the meta device
+    and filled from the checkpoint alone (its initial weights are never computed)."""
     common = dict(max_steps=40, grad_accum=2, data={"max_rows": 24, "micro_batch_size": 1},
-                  checkpoint={"every_steps": 2, "keep": 2})
+                  checkpoint={"every_steps": 2, "keep": 2}, parallel={"strategy": strategy})
     ref = write_job(tmp_path / "ref", **common)
     crash = write_job(tmp_path / "crash", **common)
     started = time.monotonic()
@@ -131,6 +133,8 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     assert r.returncode == 0, r.stderr
     resumed = re.search(r"resumed from \S+step_(\d+) at step (\d+)", r.stderr)
     assert resumed and 4 <= int(resumed.group(2)) < 40, r.stderr
+    if strategy == "fsdp":
+        assert "weights: from checkpoint step_" in r.stderr, r.stderr
     assert not (ckpt_dir / "step_000098").exists() and not (ckpt_dir / "step_000099.tmp").exists()
 
     want, got = _exported(tmp_path / "ref" / "run"), _exported(tmp_path / "crash" / "run")

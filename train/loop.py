@@ -65,8 +65,11 @@ def train(job: JobConfig, env: DistEnv, dims: ParallelDims, device: torch.device
     model, mcfg, pending = build_model(cfg, tokenizer.vocab_size, model_dir, device, dims)
     z_loss = cfg.model.z_loss_weight if cfg.model.z_loss_weight is not None else mcfg.z_loss_weight
     par = parallelize(model, dims=dims, mesh=mesh, cfg=cfg, device=device, z_loss_weight=z_loss)
-    if pending is not None:  # built on the meta device: the strategy allocated only this rank's part
-        fill_weights(par, pending, mcfg, dims)
+    # Known before the weights are filled: a resume overwrites every parameter from its checkpoint,
+    # so a meta-built model skips reading the pretrained folder (tens of GB for 13B) altogether.
+    resume_from = ckpt.find_resume(ckpt_dir, cfg.checkpoint.resume)
+    if pending is not None and resume_from is None:  # built on the meta device: the strategy
+        fill_weights(par, pending, mcfg, dims)          # allocated only this rank's part
     held = params_held_per_rank(par)  # proof of the above in the log: ~1/world each under fsdp
     optimizer = build_optimizer(par, cfg, device)
 
@@ -79,7 +82,6 @@ def train(job: JobConfig, env: DistEnv, dims: ParallelDims, device: torch.device
 
     # ---------------------------------------------------------------- resume
     step, elapsed_before = 0, 0.0
-    resume_from = ckpt.find_resume(ckpt_dir, cfg.checkpoint.resume)
     if resume_from is not None:
         state = ckpt.load(resume_from, par, optimizer)
         scheduler.load_state_dict(state["scheduler"])
@@ -101,7 +103,9 @@ def train(job: JobConfig, env: DistEnv, dims: ParallelDims, device: torch.device
         f"{micro_per_epoch} micro-batches/epoch x grad_accum {cfg.grad_accum} -> {total_steps} steps"
         + (f"; resumed from {resume_from} at step {step}" if resume_from else "")
     )
-    log.message(f"weights: {describe_weights(cfg, dims, pending)}; parameters held per rank right after building: "
+    weights = (f"from checkpoint {resume_from.name} (built on the meta device; nothing else read)"
+               if pending is not None and resume_from is not None else describe_weights(cfg, dims, pending))
+    log.message(f"weights: {weights}; parameters held per rank right after building: "
                 f"min {min(held)} max {max(held)} of {num_params(mcfg)} ({max(held) / num_params(mcfg):.1%})")
 
     # ---------------------------------------------------------------- the loop
