@@ -50,6 +50,11 @@ def _built_on_meta(dims: ParallelDims | None) -> bool:
     return dims is not None and dims.world_size > 1 and dims.strategy in ("fsdp", "hsdp", "pipeline")
 
 
+def _ddp_replica(dims: ParallelDims | None) -> bool:
+    """A DDP rank other than 0: its weights arrive by DDP's broadcast from rank 0."""
+    return dims is not None and dims.strategy == "ddp" and dims.world_size > 1 and D.get_rank() != 0
+
+
 @dataclass(frozen=True)
 class PendingWeights:
     """What a model built on the meta device is filled with once parallelised (`fill_weights`):
@@ -99,6 +104,14 @@ def build_model(cfg: TrainConfig, vocab_size: int, model_dir: Path | None, devic
                 mcfg = BaichuanConfig.from_hf_dict(read_config(model_dir), position=position, norm_head=norm_head)
                 checkpoint_weight_files(model_dir)  # a folder without weights fails here, on every rank
                 pending = PendingWeights(model_dir, cfg.seed, mcfg.initializer_range)
+            elif _ddp_replica(dims):
+                # DDP broadcasts rank 0's parameters when it wraps the model: the other ranks only
+                # need storage, not a read of the whole checkpoint each (7B: 15 GB per rank).
+                mcfg = BaichuanConfig.from_hf_dict(read_config(model_dir), position=position, norm_head=norm_head)
+                checkpoint_weight_files(model_dir)
+                with torch.device("meta"):
+                    model = BaichuanForCausalLM(mcfg)
+                model.to_empty(device=device)
             else:
                 model, mcfg = load_pretrained(model_dir, position=position, norm_head=norm_head, dtype=torch.float32,
                                               device=device)
@@ -192,6 +205,8 @@ def params_held_per_rank(par: Parallelized) -> list[int]:
 
 def describe_weights(cfg: TrainConfig, dims: ParallelDims, pending: PendingWeights | None) -> str:
     source = f"pretrained {cfg.model.name_or_path}" if cfg.model.name_or_path else f"init (seed {cfg.seed})"
+    if pending is None and cfg.model.name_or_path and dims.strategy == "ddp" and dims.world_size > 1:
+        return f"{source}, read by rank 0 and broadcast by DDP to the full replica on every rank"
     if pending is None:
         return f"{source}, full model on every rank"
     if pending.checkpoint is None:
