@@ -85,8 +85,10 @@ def _check_resumes(result: dict) -> None:
 @pytest.mark.slow
 def test_world2_fsdp_and_pipeline_schedules_match_ddp(world2):
     """fsdp(2); pipeline 2 stages x 4 micro-batches with gpipe, 1f1b and interleaved 1f1b (2 virtual
-    stages per rank); all equal ddp(2) and the single-process reference."""
-    assert {"ddp", "fsdp", "pipeline-gpipe", "pipeline-1f1b", "pipeline-interleaved_1f1b"} <= set(world2["runs"])
+    stages per rank); ddp, fsdp and a pipeline with activation checkpointing; all equal ddp(2) and
+    the single-process reference."""
+    assert {"ddp", "fsdp", "pipeline-gpipe", "pipeline-1f1b", "pipeline-interleaved_1f1b",
+            "ddp-selective", "fsdp-full", "pipeline-1f1b-full"} <= set(world2["runs"])
     _check_runs(world2)
 
 
@@ -260,8 +262,8 @@ def _fresh_model(seed: int):
 
 
 class _Layout:
-    def __init__(self, name: str, dims, parallel: dict) -> None:
-        self.name, self.dims, self.parallel = name, dims, parallel
+    def __init__(self, name: str, dims, parallel: dict, recompute: str = "none") -> None:
+        self.name, self.dims, self.parallel, self.recompute = name, dims, parallel, recompute
 
 
 def _layouts(world: int):
@@ -275,7 +277,11 @@ def _layouts(world: int):
     fsdp = _Layout("fsdp", ParallelDims(world, "fsdp", dp=world), {"strategy": "fsdp"})
     if world == 2:
         pdims = ParallelDims(2, "pipeline", dp=1, pp=2)
-        return [ddp, fsdp] + [_Layout(f"pipeline-{s}", pdims, pipe(s)) for s in ("gpipe", "1f1b", "interleaved_1f1b")]
+        # Activation checkpointing composes with every strategy: same trajectory, less memory.
+        recomputed = [_Layout("ddp-selective", ddp.dims, ddp.parallel, "selective"),
+                      _Layout("fsdp-full", fsdp.dims, fsdp.parallel, "full"),
+                      _Layout("pipeline-1f1b-full", pdims, pipe("1f1b"), "full")]
+        return [ddp, fsdp] + [_Layout(f"pipeline-{s}", pdims, pipe(s)) for s in ("gpipe", "1f1b", "interleaved_1f1b")] + recomputed
     pdims = ParallelDims(4, "pipeline", dp=2, pp=2)
     return [
         ddp, fsdp,
@@ -308,7 +314,11 @@ class _Trainer:
         self.cfg = _cfg(layout.parallel)
         device = torch.device("cpu")
         mesh = build_mesh(layout.dims, device)
-        self.par = parallelize(_fresh_model(seed), dims=layout.dims, mesh=mesh, cfg=self.cfg, device=device,
+        from train.models.baichuan import set_activation_checkpointing
+
+        model = _fresh_model(seed)
+        set_activation_checkpointing(model, layout.recompute)
+        self.par = parallelize(model, dims=layout.dims, mesh=mesh, cfg=self.cfg, device=device,
                                z_loss_weight=_tiny_config().z_loss_weight)
         self.opt = build_optimizer(self.par, self.cfg, device)
 
