@@ -262,7 +262,7 @@ class CheckpointConfig(Section):
     every_steps: int | None = Field(None, ge=1, description="Save a resumable checkpoint every N optimizer steps (and at the end); unset = only at the end.")
     keep: int = Field(2, ge=1, description="Keep the newest K complete checkpoints.")
     resume: str = Field("auto", description="`auto`: continue from the newest complete checkpoint in `dir`; `never`; or a checkpoint path.")
-    dir: str | None = Field(None, description="Checkpoint folder; default `<output_dir>/checkpoints`.")
+    dir: str | None = Field(None, description="Checkpoint folder; default `<output_dir>/checkpoints`. Multi-node runs need it on a filesystem every node sees (DCP: each rank writes its own shard).")
     export: bool = Field(True, description="At the end, write the fine-tuned model in the hub layout (safetensors + config.json + tokenizer.model) to `<output_dir>/export`.")
     export_dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="dtype of the exported weights: `bfloat16` as Baichuan publishes them (13B: 28 GB instead of 56 GB), or the fp32 master weights.")
 

@@ -144,3 +144,15 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, strategy):
     # metrics.jsonl reads as one run: each step once, the same losses.
     assert [m["step"] for m in read_metrics(tmp_path / "crash" / "run")] == list(range(1, 41))
     assert [m["loss"] for m in read_metrics(tmp_path / "crash" / "run")] == [m["loss"] for m in read_metrics(tmp_path / "ref" / "run")]
+
+
+@pytest.mark.slow
+def test_checkpoint_dir_not_shared_is_refused(tmp_path):
+    """Ranks that see different checkpoint folders (node-local disks) would seal checkpoints that
+    lack other ranks' shards: refused at start in one line. Each rank here reads its own folder
+    through ${LOCAL_RANK} (python -m train reads the YAML on every rank)."""
+    cfg = write_job(tmp_path, max_steps=2, checkpoint={"dir": str(tmp_path / "ckpt-${LOCAL_RANK}")})
+    r = run_train(cfg, nproc=2, timeout=120)
+    assert r.returncode != 0
+    assert "is not one folder for every node" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text()

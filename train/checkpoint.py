@@ -194,3 +194,30 @@ def load(path: Path, par, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         set_rng_state(torch.load(rng_file, weights_only=True))
     # else: resumed at another world size; the seeded streams stay (no dropout in the model).
     return torch.load(path / TRAINER_FILE, weights_only=True)
+
+
+def check_shared(ckpt_dir: Path, is_rank0: bool) -> None:
+    """Every rank must see the same checkpoint folder: DCP has each rank write its own shard and
+    rank 0 seal the folder. On node-local disks rank 0 would seal a folder missing the other
+    nodes' shards, a checkpoint that looks complete and is not. Collective; one line if not."""
+    import uuid
+
+    from launcher.errors import ConfigError
+    from train import distributed as D
+
+    if not D.is_initialized() or D.get_world_size() == 1:
+        return
+    token = D.broadcast_object(uuid.uuid4().hex if is_rank0 else None)
+    probe = ckpt_dir / f".shared-check-{token}"
+    if is_rank0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text(token)
+    D.barrier()
+    missing = torch.tensor([0.0 if probe.is_file() else 1.0])
+    D.all_reduce_sum(missing)
+    D.barrier()
+    if is_rank0:
+        probe.unlink(missing_ok=True)
+    if missing.item():
+        raise ConfigError(f"train.checkpoint.dir {ckpt_dir} is not one folder for every node ({int(missing.item())} "
+                          "rank(s) cannot see rank 0's files); put it (or train.output_dir) on shared storage")

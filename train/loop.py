@@ -53,6 +53,7 @@ def train(job: JobConfig, env: DistEnv, dims: ParallelDims, device: torch.device
             os.replace(tmp, out_dir / "config.yaml")
         removed = ckpt.clean_incomplete(ckpt_dir)
     D.barrier()
+    ckpt.check_shared(ckpt_dir, env.is_rank0)
 
     # ---------------------------------------------------------------- tokenizer, data, model
     torch.manual_seed(cfg.seed)
