@@ -476,8 +476,34 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"{file}: config file not found; pass the path of a job YAML such as configs/tiny.yaml")
+    data, smap = _read(file)
+    return _job(file, data, smap, overrides)
+
+
+def load_cluster_job(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """For `mlaunch nodes check`: a job YAML that has a `cluster` section, or a bare cluster YAML
+    (`nodes:` ...) wrapped in a job with default launch settings. Read and parsed once."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{file}: not found; pass a job or cluster YAML, set $MLAUNCH_CLUSTER, or create ./cluster.yaml")
+    data, smap = _read(file)
+    if isinstance(data, dict) and ("train" in data or "cluster" in data):
+        job = _job(file, data, smap, overrides)
+        if job.cluster is None:
+            raise ConfigError(f"{file}: has no `cluster` section; nothing to check")
+        return job
+    if overrides:
+        raise ConfigError("--set applies to job YAMLs; edit the cluster YAML instead")
+    prefixed = SourceMap({("cluster",) + k: v for k, v in smap.lines.items()})
+    return validate({"name": file.stem, "cluster": data, "train": {"model": {"init": {}}}}, prefixed)
+
+
+def _read(file: Path) -> tuple[Any, SourceMap]:
     smap = SourceMap()
-    data = _compose(file.read_text(), str(file), (), smap)
+    return _compose(file.read_text(), str(file), (), smap), smap
+
+
+def _job(file: Path, data: Any, smap: SourceMap, overrides: list[str] | tuple[str, ...]) -> JobConfig:
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -489,23 +515,6 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
         _apply_override(data, parts, value, item, smap)
     data.setdefault("name", file.stem)
     return validate(data, smap)
-
-
-def load_cluster(path: str | os.PathLike) -> ClusterConfig:
-    """A bare cluster YAML (`nodes:` ...) or a job YAML's cluster section (for `mlaunch nodes check`)."""
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"{file}: cluster file not found; pass a job or cluster YAML, or set $MLAUNCH_CLUSTER")
-    smap = SourceMap()
-    data = _compose(file.read_text(), str(file), (), smap)
-    if isinstance(data, dict) and ("train" in data or "cluster" in data):
-        return load_config(file).cluster or _no_cluster(file)
-    prefixed = SourceMap({("cluster",) + k: v for k, v in smap.lines.items()})
-    return validate({"cluster": data, "train": {"model": {"init": {}}}}, prefixed).cluster  # type: ignore[return-value]
-
-
-def _no_cluster(file: Path) -> ClusterConfig:
-    raise ConfigError(f"{file}: has no `cluster` section; add one with `nodes:` or pass a cluster YAML")
 
 
 def _load_cluster_file(base: Path, ref: str, smap: SourceMap) -> Any:

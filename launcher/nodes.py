@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher.config import ClusterConfig, load_cluster, load_config, validate
-from launcher.errors import ConfigError, MlaunchError
+from launcher.config import ClusterConfig, load_cluster_job
+from launcher.errors import MlaunchError
 from launcher.shell import job_command, quote_path
 
 #: One process per node gathers everything, without importing torch: `import torch` costs 1.5 s
@@ -116,29 +116,12 @@ def _cmd(python: str, code: str, *args: str) -> str:
     return " ".join([quote_path(python), "-c", shlex.quote(code), *(shlex.quote(a) for a in args)])
 
 
-def _cluster_from(path: Path, overrides: list[str]) -> tuple[ClusterConfig, Any]:
-    """A job YAML (with `cluster`) or a bare cluster YAML; returns (cluster, job config or None)."""
-    if not path.is_file():
-        raise ConfigError(f"{path}: not found; pass a job or cluster YAML, set $MLAUNCH_CLUSTER, or create ./cluster.yaml")
-    import yaml
-
-    head = yaml.safe_load(path.read_text()) if path.stat().st_size < 1 << 20 else None
-    if isinstance(head, dict) and "train" in head:
-        job = load_config(path, overrides)
-        if job.cluster is None:
-            raise ConfigError(f"{path}: has no `cluster` section; nothing to check")
-        return job.cluster, job
-    if overrides:
-        raise ConfigError("--set applies to job YAMLs; edit the cluster YAML instead")
-    return load_cluster(path), None
-
-
 def check(path: Path, *, overrides: list[str], as_json: bool, collective: bool) -> int:
     from launcher import cluster_run, ssh
 
-    cluster, job = _cluster_from(Path(path), overrides)
-    if job is None:
-        job = validate({"cluster": cluster.model_dump(), "train": {"model": {"init": {}}}})
+    job = load_cluster_job(path, overrides)
+    cluster = job.cluster
+    assert cluster is not None
     targets = cluster_run.targets_for(job)
     names = list(targets)
     reports = {n: NodeReport(n) for n in names}
@@ -204,9 +187,9 @@ def check(path: Path, *, overrides: list[str], as_json: bool, collective: bool) 
             list(pool.map(probe, names))
 
         _same_torch(reports)
-        _check_rendezvous(cluster, names, conns, reports, rdzv_port, job)
+        _check_rendezvous(cluster, names, conns, reports, rdzv_port, targets)
         if collective:
-            _collective(job, names, conns, reports)
+            _collective(job, targets, conns, reports)
     finally:
         ssh.close_all(conns)
 
@@ -243,7 +226,8 @@ def _same_torch(reports: dict[str, NodeReport]) -> None:
                       "install the same torch on every node (collectives across versions are undefined)")
 
 
-def _check_rendezvous(cluster: ClusterConfig, names: list[str], conns: dict, reports: dict[str, NodeReport], port: int, job: Any) -> None:
+def _check_rendezvous(cluster: ClusterConfig, names: list[str], conns: dict, reports: dict[str, NodeReport], port: int,
+                      targets: dict[str, Any]) -> None:
     """The port is free on the master, and every other node reaches it by a real TCP connection."""
     from launcher import cluster_run
 
@@ -251,7 +235,7 @@ def _check_rendezvous(cluster: ClusterConfig, names: list[str], conns: dict, rep
     mconn = conns[master]
     if isinstance(mconn, Exception) or not reports[master].ok:
         return
-    addr = cluster.nodes[0].addr or cluster_run.resolve_addr(cluster_run.targets_for(job)[master])
+    addr = cluster.nodes[0].addr or cluster_run.resolve_addr(targets[master])
     # In a pty, so closing the channel hangs the listener up: the port is free again at once.
     listener = mconn.start("exec " + _cmd(cluster.node_python(0), _LISTEN, addr, str(port), "60"), pty=True)
     first = ""
@@ -305,7 +289,7 @@ os._exit(0)
 """
 
 
-def _collective(job: Any, names: list[str], conns: dict, reports: dict[str, NodeReport]) -> None:
+def _collective(job: Any, targets: dict[str, Any], conns: dict, reports: dict[str, NodeReport]) -> None:
     """A tiny all-reduce through torchrun on every node, 1 process each, under a deadline."""
     from launcher import cluster_run
     from launcher.run import build_plan
@@ -316,7 +300,7 @@ def _collective(job: Any, names: list[str], conns: dict, reports: dict[str, Node
         return
     cfg = job.model_copy(deep=True)
     cfg.launch.nproc_per_node = 1
-    addrs = {i: cluster_run.resolve_addr(t) for i, t in enumerate(cluster_run.targets_for(job).values()) if not job.cluster.nodes[i].addr}
+    addrs = {i: cluster_run.resolve_addr(t) for i, t in enumerate(targets.values()) if not job.cluster.nodes[i].addr}
     the_plan, _ = build_plan(cfg, standalone=False, probe=False, addrs=addrs)
     script = f"/tmp/mlaunch-allreduce-{the_plan.run_id}.py"
     procs = {}
