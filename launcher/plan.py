@@ -16,7 +16,6 @@ from launcher.errors import ConfigError
 from launcher.shell import RUN_ID_VAR, job_command
 
 TORCHRUN = ["-m", "torch.distributed.run"]
-RUN_ID_ENV = RUN_ID_VAR
 _SECRET = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 
 
@@ -51,7 +50,7 @@ class NodePlan:
         `$$` survives `exec`: the first output line is torchrun's own pid, which (sshd making the
         pty's shell a session leader) is also its process group and session id, recorded per run."""
         env = masked_env(self.env) if mask else self.env
-        return job_command(self.argv, env, env[RUN_ID_ENV], cwd=self.workdir, prelude=self.setup)
+        return job_command(self.argv, env, env[RUN_ID_VAR], cwd=self.workdir, prelude=self.setup)
 
 
 @dataclass(frozen=True)
@@ -126,7 +125,7 @@ def make_plan(
     local_env = dict(local_env or {})
     launch = cfg.launch
     job = cfg.name or "job"
-    base_env = {RUN_ID_ENV: run_id, "PYTHONUNBUFFERED": "1"}
+    base_env = {RUN_ID_VAR: run_id, "PYTHONUNBUFFERED": "1"}
     train_args = ["-m", "train", config_path]
     ranks_filter = []
     if launch.local_ranks_filter is not None:

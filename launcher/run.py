@@ -161,7 +161,7 @@ def run_standalone(cfg: JobConfig) -> int:
             quiet.set()
             _terminate(proc, grace)
         code = proc.wait()
-        left = procs.end_run(the_plan.run_id, grace_s=grace)
+        left = procs.end_run(the_plan.run_id, grace_s=grace)["sigterm"]
         if left:
             _say(f"ended {len(left)} leftover process(es) of run {the_plan.run_id}")
         pump.join(timeout=5)

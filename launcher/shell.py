@@ -8,9 +8,7 @@ import shlex
 from typing import Mapping, Sequence
 
 from launcher.errors import ConfigError
-
-#: Name of the variable that marks every process of one run (torchrun's workers inherit it).
-RUN_ID_VAR = "MLAUNCH_RUN_ID"
+from launcher.procs import RUN_ID_VAR
 
 #: First line a job prints (see `job_command`): the pid of the shell that then execs the job.
 PID_MARKER = "MLAUNCH_PID="

@@ -51,6 +51,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import paramiko
 
+from launcher import procs
 from launcher.errors import ConfigError, MlaunchError
 from launcher.shell import PID_MARKER, quote_path as _quote_dir
 
@@ -1029,65 +1030,10 @@ def _check_run_id(run_id: str) -> None:
     assert _RUN_ID.match(run_id), f"run id {run_id!r} must match {_RUN_ID.pattern}"
 
 
-# Runs on the node with python3 (present wherever torchrun is); argv: run_id, mode, grace, pids.
-# It matches /proc/<pid>/environ, never names: the run id is the one handle that survives
-# torchrun's workers starting their own sessions. Zombies have an empty environ, so a process
-# that has died counts as gone even before its parent reaps it.
-_PROC_SNIPPET = r"""
-import json, os, signal, sys, time
-run_id, mode, grace = sys.argv[1], sys.argv[2], float(sys.argv[3])
-recorded = [int(p) for p in sys.argv[4:]]
-needle = ("MLAUNCH_RUN_ID=" + run_id).encode()
-me = os.getpid()
-
-def carriers():
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == me:
-            continue
-        try:
-            with open("/proc/%s/environ" % name, "rb") as f:
-                env = f.read().split(b"\0")
-        except OSError:  # gone meanwhile, or another user's process
-            continue
-        if needle in env:
-            found.append(int(name))
-    return sorted(found)
-
-def send(pids, sig):
-    for p in pids:
-        try:
-            os.kill(p, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-def wait_gone(pids, seconds):
-    alive = set(pids)
-    end = time.monotonic() + seconds
-    while alive and time.monotonic() < end:
-        time.sleep(0.05)
-        alive &= set(carriers())
-    return sorted(alive)
-
-if mode == "list":
-    print(json.dumps({"pids": carriers()}))
-    sys.exit(0)
-
-found = carriers()
-# torchrun first: on SIGTERM it stops its workers itself. Only a recorded pid that still
-# carries the run id is signalled, so a recycled pid is never hit.
-first = [p for p in recorded if p in found]
-send(first, signal.SIGTERM)
-if first:
-    wait_gone(found, grace)
-rest = carriers()
-send(rest, signal.SIGTERM)
-stubborn = wait_gone(rest, min(grace, 3.0)) if rest else []
-send(stubborn, signal.SIGKILL)
-remaining = wait_gone(stubborn, 3.0) if stubborn else []
-print(json.dumps({"found": found, "sigterm": sorted(set(first) | set(rest)),
-                  "sigkill": stubborn, "remaining": remaining}))
-"""
+# The run's processes are found and ended on the node by launcher/procs.py itself, sent as the
+# source of `python3 -c` (it imports only the standard library): one implementation of the
+# cleanup rule for this machine and for every node. argv: run_id, mode, grace, recorded pids.
+_PROC_SNIPPET = Path(procs.__file__).read_text()
 
 
 @dataclass
