@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import shlex
 import socket
 import sys
 import threading
@@ -24,7 +23,7 @@ from typing import Any
 
 from launcher.config import JobConfig, to_yaml
 from launcher.errors import MlaunchError
-from launcher.shell import quote_path
+from launcher.shell import python_command, quote_path
 from launcher.plan import NodePlan, Plan
 from launcher.run import _Stop, _say, build_plan, write_resolved_config
 
@@ -115,7 +114,7 @@ except OSError as e:
 
 def check_port_free(conn: Any, python: str, addr: str, port: int) -> str | None:
     """None when `addr:port` can be bound on the node, else the reason."""
-    res = conn.run(" ".join([quote_path(python), *(shlex.quote(a) for a in ["-c", _PORT_CHECK, addr, str(port)])]), timeout=30)
+    res = conn.run(python_command(python, _PORT_CHECK, addr, str(port)), timeout=30)
     return None if res.exit_code == 0 else (res.stdout.strip() or res.stderr.strip() or f"exit {res.exit_code}")
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from launcher.config import ClusterConfig, load_cluster_job
 from launcher.errors import MlaunchError
-from launcher.shell import job_command, quote_path
+from launcher.shell import job_command, python_command
 
 #: One process per node gathers everything, without importing torch: `import torch` costs 1.5 s
 #: of CPU here and tens of seconds from a cold network filesystem, on every node, for facts that
@@ -112,10 +112,6 @@ class NodeReport:
         self.checks.append(Check(name, ok, detail, "" if ok else fix))
 
 
-def _cmd(python: str, code: str, *args: str) -> str:
-    return " ".join([quote_path(python), "-c", shlex.quote(code), *(shlex.quote(a) for a in args)])
-
-
 def check(path: Path, *, overrides: list[str], as_json: bool, collective: bool) -> int:
     from launcher import cluster_run, ssh
 
@@ -148,7 +144,7 @@ def check(path: Path, *, overrides: list[str], as_json: bool, collective: bool) 
             rep.facts["latency_ms"] = round(rtt * 1000, 1)
             rep.add("ssh", True, f"{rtt * 1000:.0f} ms")
             sent = time.time()
-            res = conn.run(_cmd(python, _PROBE, workdir), timeout=120)
+            res = conn.run(python_command(python, _PROBE, workdir), timeout=120)
             back = time.time()
             line = next((x for x in res.stdout.splitlines() if x.startswith("MLAUNCH_PROBE=")), None)
             if res.exit_code != 0 or line is None:
@@ -237,7 +233,7 @@ def _check_rendezvous(cluster: ClusterConfig, names: list[str], conns: dict, rep
         return
     addr = cluster.nodes[0].addr or cluster_run.resolve_addr(targets[master])
     # In a pty, so closing the channel hangs the listener up: the port is free again at once.
-    listener = mconn.start("exec " + _cmd(cluster.node_python(0), _LISTEN, addr, str(port), "60"), pty=True)
+    listener = mconn.start("exec " + python_command(cluster.node_python(0), _LISTEN, addr, str(port), "60"), pty=True)
     first = ""
     deadline = time.monotonic() + 20
     while not first and time.monotonic() < deadline and not listener.at_eof:
@@ -257,7 +253,7 @@ def _check_rendezvous(cluster: ClusterConfig, names: list[str], conns: dict, rep
                 return
             fix = f"open TCP {port} from this node to {addr} (firewall/security group), or set cluster.nodes[0].addr"
             try:
-                res = conn.run(_cmd(cluster.node_python(names.index(name)), _DIAL, addr, str(port), "5"), timeout=_CMD_TIMEOUT_S)
+                res = conn.run(python_command(cluster.node_python(names.index(name)), _DIAL, addr, str(port), "5"), timeout=_CMD_TIMEOUT_S)
             except MlaunchError as e:  # this node's report, not the whole check
                 reports[name].add("rdzv-reach", False, str(e).removeprefix(f"node {name}: "), fix)
                 return

@@ -87,3 +87,9 @@ def job_command(
     full_env = {**(env or {}), RUN_ID_VAR: run_id}
     marker = f"printf '{PID_MARKER}%s\\n' \"$$\""
     return f"{marker}; " + shell_command(argv, full_env, cwd=cwd, prelude=prelude, exec_=True)
+
+
+def python_command(python: str, code: str, *args: str) -> str:
+    """`<python> -c <code> <args>` as one line for a node's shell: the code and arguments quoted,
+    a leading `~/` of the interpreter left to expand (cluster.python is often ~/venv/bin/python)."""
+    return " ".join([quote_path(python), "-c", shlex.quote(code), *(shlex.quote(str(a)) for a in args)])

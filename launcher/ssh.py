@@ -53,7 +53,7 @@ import paramiko
 
 from launcher import procs
 from launcher.errors import ConfigError, MlaunchError
-from launcher.shell import PID_MARKER, quote_path as _quote_dir
+from launcher.shell import PID_MARKER, python_command
 
 # paramiko logs failures (e.g. "Secsh channel 0 open FAILED") that we turn into one-line
 # MlaunchErrors; without a handler of its own, Python's last-resort handler would print them to
@@ -1052,8 +1052,7 @@ class KillReport:
 
 
 def _run_snippet(conn: Connection, args: list[str], timeout: float, python: str) -> dict:
-    # `_quote_dir` keeps a leading ~/ unquoted: cluster.python is often ~/venv/bin/python.
-    cmd = " ".join([_quote_dir(python), *(shlex.quote(a) for a in ["-c", _PROC_SNIPPET, *args])])
+    cmd = python_command(python, _PROC_SNIPPET, *args)
     res = conn.run(cmd, timeout=timeout)
     if not res.ok:
         tail = _one_line(res.stderr.strip().splitlines()[-1]) if res.stderr.strip() else ""
