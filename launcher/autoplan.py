@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from launcher.config import JobConfig
+from launcher.config import VARIANT_LAYOUT, JobConfig
 from launcher.errors import ConfigError
 
 # A tiny model's vocabulary when neither init.vocab_size nor a tokenizer size says it.
@@ -28,8 +28,7 @@ def model_dims(cfg: JobConfig) -> tuple[Any, str]:
     if m.init is not None:
         i = m.init
         vocab = i.vocab_size or cfg.train.tokenizer.train_vocab_size or _FALLBACK_VOCAB
-        variant = m.variant if m.variant != "auto" else "baichuan2-7b"
-        pos = position or ("alibi" if variant.endswith("13b") else "rope")
+        pos = position or VARIANT_LAYOUT.get(m.variant, VARIANT_LAYOUT["baichuan2-7b"])[0]
         return planner.ModelDims(n_layers=i.num_hidden_layers, hidden=i.hidden_size, ffn=i.intermediate_size,
                                  heads=i.num_attention_heads, vocab=vocab, position=pos), "train.model.init"
     assert m.name_or_path is not None

@@ -165,6 +165,14 @@ class LaunchConfig(Section):
 
 # ----------------------------------------------------------------------------------------- train
 Variant = Literal["auto", "baichuan-7b", "baichuan-13b", "baichuan2-7b", "baichuan2-13b"]
+#: variant → (position scheme, NormHead); `auto` reads config.json (or, for `init`, the
+#: baichuan2-7b layout). Shared by the training code and the torch-free planner glue.
+VARIANT_LAYOUT: dict[str, tuple[str, bool]] = {
+    "baichuan-7b": ("rope", False),
+    "baichuan-13b": ("alibi", False),
+    "baichuan2-7b": ("rope", True),
+    "baichuan2-13b": ("alibi", True),
+}
 
 
 class ModelInit(Section):

@@ -17,19 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from launcher.config import TrainConfig
+from launcher.config import VARIANT_LAYOUT, TrainConfig
 from launcher.errors import ConfigError
 from train import distributed as D
 from train.models.baichuan import BaichuanConfig, BaichuanForCausalLM, init_weights, set_activation_checkpointing
 from train.parallel.base import ParallelDims, Parallelized
-
-# variant → (position, norm_head); `auto` reads config.json (or, for `init`, baichuan2-7b's layout)
-_VARIANT_LAYOUT = {
-    "baichuan-7b": ("rope", False),
-    "baichuan-13b": ("alibi", False),
-    "baichuan2-7b": ("rope", True),
-    "baichuan2-13b": ("alibi", True),
-}
 
 
 def model_dir_of(cfg: TrainConfig) -> Path | None:
@@ -75,7 +67,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, model_dir: Path | None, devic
     full fp32 model (13B: 52 GB) on its device. Otherwise the model is complete and on `device`
     (pending is None)."""
     m = cfg.model
-    position, norm_head = _VARIANT_LAYOUT.get(m.variant, (None, None))
+    position, norm_head = VARIANT_LAYOUT.get(m.variant, (None, None))
     position = position if m.position == "auto" else m.position
     norm_head = norm_head if m.norm_head is None else m.norm_head
     meta = _built_on_meta(dims)
