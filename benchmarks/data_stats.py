@@ -29,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from launcher.config import TrainConfig  # noqa: E402
+from job.config import TrainConfig  # noqa: E402
 from train.data import (  # noqa: E402
     LengthGroupedBatches, PadToMaxBatches, collate, ensure_tokenizer, prepare_data, real_token_fraction,
 )

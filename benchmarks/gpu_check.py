@@ -8,7 +8,7 @@ recomputation (every other layer), fused AdamW, gradient clipping at 1.0 — the
 
 What it prints: tokens/s; MFU = tokens/s × (6N + 12·L·h·s) / the card's dense bf16 peak (H100 SXM
 and H200: 989 TFLOP/s); the peak of torch.cuda.max_memory_allocated against the planner's
-prediction for the same shape (`launcher.planner`, a one-GPU `ddp` candidate, its CUDA-context
+prediction for the same shape (`job.planner`, a one-GPU `ddp` candidate, its CUDA-context
 overhead left out since the allocator does not see it). Last line: one JSON object with every
 figure.
 
@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def model_config(args: argparse.Namespace):
-    from train.models.baichuan import BaichuanConfig, variant_config
+    from train.models.baichuan.model import BaichuanConfig, variant_config
 
     if args.cpu_smoke:
         return BaichuanConfig(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=args.layers,
@@ -77,7 +77,7 @@ def model_config(args: argparse.Namespace):
 
 def planner_prediction(mcfg, args: argparse.Namespace, micro_batch: int, gpu_name: str) -> dict:
     """The planner's memory for this exact shape on one GPU (a `ddp` candidate of world size 1)."""
-    from launcher.planner import ClusterSpec, ModelDims, Workload, enumerate_candidates
+    from job.planner import ClusterSpec, ModelDims, Workload, enumerate_candidates
 
     dims = ModelDims(n_layers=mcfg.num_hidden_layers, hidden=mcfg.hidden_size, ffn=mcfg.intermediate_size,
                      heads=mcfg.num_attention_heads, vocab=mcfg.vocab_size, position=mcfg.position)
@@ -105,9 +105,9 @@ def attempt(mcfg, args: argparse.Namespace, micro_batch: int, device, deadline: 
     """Build, train `args.steps` steps, measure. Raises torch.OutOfMemoryError on OOM."""
     import torch
 
-    from launcher.config import TrainConfig
+    from job.config import TrainConfig
     from train.loop import build_optimizer
-    from train.models.baichuan import BaichuanForCausalLM, init_weights, set_activation_checkpointing
+    from train.models.baichuan.model import BaichuanForCausalLM, init_weights, set_activation_checkpointing
     from train.parallel.base import ParallelDims, parallelize, target_tokens
 
     if args.simulate_oom > 0:
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from train.metrics import gpu_peak_flops
-    from train.models.baichuan import flops_per_token, num_params
+    from train.models.baichuan.model import flops_per_token, num_params
 
     if args.cpu_smoke:
         device = torch.device("cpu")

@@ -71,7 +71,7 @@ def bare_loop(batches: list[dict], steps: int, warmup: int, clip: float | None) 
     """A plain PyTorch loop; returns (median real tokens/s, median padded tokens/s, real fraction)."""
     import torch
 
-    from train.models.baichuan import BaichuanConfig, BaichuanForCausalLM, causal_lm_loss, init_weights
+    from train.models.baichuan.model import BaichuanConfig, BaichuanForCausalLM, causal_lm_loss, init_weights
 
     torch.manual_seed(0)
     vocab = batches[0]["vocab"]
@@ -130,7 +130,7 @@ def tutorial_batches(tokenizer: Path, length: int, batch: int, n: int, seed: int
 
     import torch
 
-    from launcher.config import validate
+    from job.config import validate
     from train.data import training_texts
     from train.tokenizer import BaichuanTokenizer
 
@@ -168,7 +168,7 @@ def main() -> None:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
-    from launcher.config import validate
+    from job.config import validate
     from train.data import training_texts
     from train.tokenizer import train_sentencepiece
 

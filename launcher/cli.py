@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from launcher.errors import MlaunchError
+from job.errors import MlaunchError
 
 app = typer.Typer(
     add_completion=False,
@@ -35,7 +35,7 @@ def run(
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Launch the job: torchrun on every node (or here with --standalone), logs streamed, clean teardown."""
-    from launcher.config import load_config
+    from job.config import load_config
     from launcher import run as runner
 
     cfg = load_config(config, set_ or [])
@@ -54,7 +54,7 @@ def plan(
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Show exactly what would run on every node, and why. Runs nothing, touches no network."""
-    from launcher.config import load_config
+    from job.config import load_config
     from launcher.run import build_plan
 
     cfg = load_config(config, set_ or [])

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher.config import JobConfig, to_yaml
-from launcher.errors import MlaunchError
+from job.config import JobConfig, to_yaml
+from job.errors import MlaunchError
 from launcher.shell import python_command, quote_path
 from launcher.plan import NodePlan, Plan
 from launcher.run import _Stop, _say, build_plan, write_resolved_config

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher.config import ClusterConfig, load_cluster_job
-from launcher.errors import MlaunchError
+from job.config import ClusterConfig, load_cluster_job
+from job.errors import MlaunchError
 from launcher.shell import job_command, python_command
 
 #: One process per node gathers everything, without importing torch: `import torch` costs 1.5 s

@@ -11,8 +11,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
-from launcher.config import JobConfig
-from launcher.errors import ConfigError
+from job.config import JobConfig
+from job.errors import ConfigError
 from launcher.shell import RUN_ID_VAR, job_command
 
 TORCHRUN = ["-m", "torch.distributed.run"]

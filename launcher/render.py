@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from launcher.config import JobConfig
+from job.config import JobConfig
 from launcher.plan import Plan
 
 
@@ -36,7 +36,7 @@ def print_plan(plan: Plan, cfg: JobConfig, decision: Any) -> None:
         line += " (" + ", ".join(f"{k}={v}" for k, v in extras.items()) + ")"
     console.print(line)
     if decision is not None:
-        from launcher import autoplan
+        from job import autoplan
 
         autoplan.print_decision(console, decision)
     elif "estimate" in par:

@@ -18,8 +18,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from launcher.config import JobConfig, to_yaml
-from launcher.errors import MlaunchError
+from job.config import JobConfig, to_yaml
+from job.errors import MlaunchError
 from launcher.plan import Plan, make_plan
 
 EXIT_SIGINT = 130
@@ -44,7 +44,7 @@ def build_plan(
 
     With `probe`, the local GPU count is asked (nvidia-smi, no torch import) for `nproc_per_node: auto`.
     """
-    from launcher import autoplan
+    from job import autoplan
 
     run_id = run_id or new_run_id(cfg.name or "job")
     local = standalone or cfg.cluster is None
@@ -70,7 +70,7 @@ def build_plan(
 def _check_layout(the_plan: Plan) -> None:
     """The parallel degrees against the planned world: a bad layout is one line here, before any
     node is touched (the ranks check again with the world that actually started)."""
-    from train.parallel.dims import ParallelDims  # torch-free
+    from job.layout import ParallelDims  # torch-free
 
     assert the_plan.resolved is not None
     nprocs = {n.nproc_per_node for n in the_plan.nodes}
@@ -193,7 +193,7 @@ def _pump(stream: Any, log: Any, quiet: threading.Event, errors: list[str]) -> N
         # summary quotes it from the rank's error file (the only copy when --local-ranks-filter
         # hides that rank).
         text = line.decode(errors="replace").strip()
-        for marker in ("error: ", "launcher.errors.ConfigError: "):
+        for marker in ("error: ", "job.errors.ConfigError: "):
             if text.startswith(marker):
                 errors.append(text[len(marker):])
         log.write(line)

@@ -7,7 +7,7 @@ import re
 import shlex
 from typing import Mapping, Sequence
 
-from launcher.errors import ConfigError
+from job.errors import ConfigError
 from launcher.procs import RUN_ID_VAR
 
 #: First line a job prints (see `job_command`): the pid of the shell that then execs the job.

@@ -52,7 +52,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 import paramiko
 
 from launcher import procs
-from launcher.errors import ConfigError, MlaunchError
+from job.errors import ConfigError, MlaunchError
 from launcher.shell import PID_MARKER, python_command
 
 # paramiko logs failures (e.g. "Secsh channel 0 open FAILED") that we turn into one-line

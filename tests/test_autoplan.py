@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from launcher.autoplan import model_dims, resolve_parallel
-from launcher.config import load_config, validate
-from launcher.errors import ConfigError
+from job.autoplan import model_dims, resolve_parallel
+from job.config import load_config, validate
+from job.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

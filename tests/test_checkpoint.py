@@ -10,11 +10,11 @@ import uuid
 import pytest
 import torch
 
-from launcher.config import ParallelConfig, TrainConfig
-from launcher.errors import ConfigError
+from job.config import ParallelConfig, TrainConfig
+from job.errors import ConfigError
 from tests.helpers import kill_run, read_metrics, run_train, start_train, wait_gone, write_job
 from train import checkpoint as ckpt
-from train.models.baichuan import BaichuanConfig, BaichuanForCausalLM, init_weights
+from train.models.baichuan.model import BaichuanConfig, BaichuanForCausalLM, init_weights
 from train.parallel.base import ParallelDims
 from train.parallel.ddp import DDPParallel
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.config import TUTORIAL_TEMPLATE, load_config, parse_override
-from launcher.errors import ConfigError
+from job.config import TUTORIAL_TEMPLATE, load_config, parse_override
+from job.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD_TRAIN = "train:\n  model:\n    init: {hidden_size: 32}\n"
@@ -118,7 +118,7 @@ def test_shipped_configs_load() -> None:
 
 
 def test_schema_module_does_not_import_torch() -> None:
-    code = "import sys, launcher.config, launcher.plan, launcher.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, job.config, launcher.plan, launcher.cli; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
 
 

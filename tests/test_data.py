@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import train.data as data_mod
-from launcher.config import DataConfig, TrainConfig
-from launcher.errors import ConfigError, MlaunchError
+from job.config import DataConfig, TrainConfig
+from job.errors import ConfigError, MlaunchError
 from train.data import (
     IGNORE_INDEX, LengthGroupedBatches, PadToMaxBatches, PromptTemplate, collate, drop_bad_rows, ensure_tokenizer,
     iter_batches, load_rows, make_batch_sampler, prepare_data, real_token_fraction,

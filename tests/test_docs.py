@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from launcher.config import JobConfig
+from job.config import JobConfig
 from launcher.docs import BEGIN, END, reference_markdown, rows
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from train.models.baichuan import BaichuanConfig, BaichuanForCausalLM, init_weights
-from train.models.hub import (
+from train.models.baichuan.model import BaichuanConfig, BaichuanForCausalLM, init_weights
+from train.models.baichuan.hub import (
     load_pretrained,
     load_weights_into,
     resolve_checkpoint_dir,
@@ -121,7 +121,7 @@ PUBLISHED = {
     ],
 )
 def test_from_hf_dict_reads_tell_tales(name, position, norm_head):
-    from train.models.baichuan import KNOWN_VARIANTS
+    from train.models.baichuan.model import KNOWN_VARIANTS
 
     cfg = BaichuanConfig.from_hf_dict(PUBLISHED[name])
     assert (cfg.position, cfg.norm_head) == (position, norm_head)
@@ -319,7 +319,7 @@ def test_export_accepts_views_and_tied_tensors(tmp_path):
 def test_export_points_at_the_published_remote_code(name: str, repo: str, prefix: str) -> None:
     """An export's config.json and tokenizer_config.json name the published code by hub repo, so
     `from_pretrained(export, trust_remote_code=True)` runs it; the variant still reads back."""
-    from train.models.baichuan import KNOWN_VARIANTS, BaichuanConfig
+    from train.models.baichuan.model import KNOWN_VARIANTS, BaichuanConfig
 
     cfg = KNOWN_VARIANTS[name]
     d = cfg.to_hf_dict()

@@ -1,6 +1,6 @@
 """The planner's model-state memory per rank against what the strategies really hold.
 
-`launcher.planner.state_bytes_per_rank` predicts parameters + gradients + AdamW moments per rank
+`job.planner.state_bytes_per_rank` predicts parameters + gradients + AdamW moments per rank
 (fp32 on CPU: 4 + 4 + 8 bytes per element, FSDP shards padded on dim 0, a pipeline rank holding
 its stages). Here real torchrun workers build each strategy, take one optimizer step, and add up
 the storage they hold: local parameter shards, gradients (after backward) and exp_avg /
@@ -114,10 +114,10 @@ def _storage_bytes(tensors) -> int:
 def _measure(name, dims, parallel, strategy, degrees, rank: int) -> dict:
     import torch
 
-    from launcher.config import TrainConfig
-    from launcher.planner import ModelDims, state_bytes_per_rank
+    from job.config import TrainConfig
+    from job.planner import ModelDims, state_bytes_per_rank
     from train.loop import build_optimizer
-    from train.models.baichuan import BaichuanConfig, BaichuanForCausalLM, init_weights
+    from train.models.baichuan.model import BaichuanConfig, BaichuanForCausalLM, init_weights
     from train.parallel.base import parallelize, target_tokens
     from train.parallel.mesh import build_mesh
 

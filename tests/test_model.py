@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train.models.baichuan import (
+from train.models.baichuan.model import (
     KNOWN_VARIANTS,
     BaichuanConfig,
     BaichuanForCausalLM,
@@ -148,7 +148,7 @@ def test_alibi_slopes_match_paper(heads):
 
 @pytest.mark.parametrize("heads", [8, 12])
 def test_alibi_bias_is_slope_times_distance_on_causal_mask(heads):
-    from train.models.baichuan import _build_context
+    from train.models.baichuan.model import _build_context
 
     cfg = BaichuanConfig(VOCAB, 8 * heads, 32, 1, heads, position="alibi")
     s = 6
@@ -228,7 +228,7 @@ def test_padding_does_not_change_real_logits(position, side):
 def test_rope_positions_count_only_real_tokens():
     # RoPE scores are shift-invariant, so logits alone cannot show this; large positions
     # do lose precision, and the published code numbers a left-padded row from 0.
-    from train.models.baichuan import _build_context
+    from train.models.baichuan.model import _build_context
 
     cfg = tiny_config("rope")
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])

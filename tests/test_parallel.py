@@ -143,8 +143,8 @@ def test_pipeline_through_the_training_loop_matches_ddp(tmp_path):
 
 def test_bad_layouts_fail_in_one_line_before_any_process_group():
     """Checked by ParallelDims.from_config, which `python -m train` calls before init_process_group."""
-    from launcher.config import ParallelConfig
-    from launcher.errors import ConfigError
+    from job.config import ParallelConfig
+    from job.errors import ConfigError
     from train.parallel.base import ParallelDims
 
     for pcfg, world, message in [
@@ -181,11 +181,11 @@ def test_pipeline_pieces():
     """In-process: the planner's split, the cut model's keys, the shape ladder and the padding."""
     import torch
 
-    from launcher.config import ParallelConfig
-    from launcher.errors import ConfigError
-    from train.models.baichuan import BaichuanForCausalLM
+    from job.config import ParallelConfig
+    from job.errors import ConfigError
+    from train.models.baichuan.model import BaichuanForCausalLM
     from train.parallel.pipeline import bucket_length, build_pipeline_stages, check_pipeline, model_dims, pad_batch
-    from launcher.planner import split_layers
+    from job.planner import split_layers
 
     model = BaichuanForCausalLM(_tiny_config())
     full_keys = set(model.state_dict())
@@ -210,7 +210,7 @@ def test_pipeline_pieces():
 
 # ============================================================================== worker side
 def _tiny_config():
-    from train.models.baichuan import BaichuanConfig
+    from train.models.baichuan.model import BaichuanConfig
 
     # norm_head and a z-loss: the Baichuan2 parts travel through every strategy too.
     return BaichuanConfig(vocab_size=128, hidden_size=32, intermediate_size=88, num_hidden_layers=4,
@@ -242,7 +242,7 @@ def _micro_batches(rows: list[dict], dp: int, dp_rank: int, grad_accum: int) -> 
 
 
 def _cfg(parallel: dict):
-    from launcher.config import TrainConfig
+    from job.config import TrainConfig
 
     return TrainConfig.model_validate({
         "model": {"init": {}}, "device": "cpu", "parallel": parallel,
@@ -253,7 +253,7 @@ def _cfg(parallel: dict):
 def _fresh_model(seed: int):
     import torch
 
-    from train.models.baichuan import BaichuanForCausalLM, init_weights
+    from train.models.baichuan.model import BaichuanForCausalLM, init_weights
 
     torch.manual_seed(seed)
     model = BaichuanForCausalLM(_tiny_config())
@@ -314,7 +314,7 @@ class _Trainer:
         self.cfg = _cfg(layout.parallel)
         device = torch.device("cpu")
         mesh = build_mesh(layout.dims, device)
-        from train.models.baichuan import set_activation_checkpointing
+        from train.models.baichuan.model import set_activation_checkpointing
 
         model = _fresh_model(seed)
         set_activation_checkpointing(model, layout.recompute)
@@ -359,7 +359,7 @@ def _reference(steps: list[list[dict]], eval_rows: list[dict]) -> tuple[dict, di
     import torch
 
     from train.loop import build_optimizer
-    from train.models.baichuan import causal_lm_loss
+    from train.models.baichuan.model import causal_lm_loss
     from train.parallel.base import ParallelDims, target_tokens
     from train.parallel.ddp import DDPParallel
 

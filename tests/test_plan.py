@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.config import load_config, validate
-from launcher.errors import ConfigError
+from job.config import load_config, validate
+from job.errors import ConfigError
 from launcher.plan import make_plan, masked_env
 from launcher.shell import shell_command as shell_line
 

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from launcher.errors import ConfigError
-from launcher.planner import (
+from job.errors import ConfigError
+from job.planner import (
     GPU_DEFAULTS,
     KNOWN,
     ClusterSpec,
@@ -406,13 +406,13 @@ def test_table_rows_and_json():
 
 def test_render_table_uses_rich_lazily():
     pytest.importorskip("rich")
-    from launcher.planner import render_table
+    from job.planner import render_table
 
     table = render_table(plan_parallel(TINY, h100(1), Workload(seq_len=64)))
     assert table.row_count >= 1
 
 
 def test_planner_imports_neither_torch_nor_rich():
-    code = "import sys, launcher.planner; print('torch' in sys.modules, 'rich' in sys.modules)"
+    code = "import sys, job.planner; print('torch' in sys.modules, 'rich' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]

@@ -35,7 +35,7 @@ SEED = 5
 
 
 def _tiny_cfg(**overrides):
-    from train.models.baichuan import BaichuanConfig
+    from train.models.baichuan.model import BaichuanConfig
 
     # vocab 129: the embedding and head shard unevenly over 2 ranks (65 + 64 rows), as FSDP pads.
     kw = dict(vocab_size=129, hidden_size=32, intermediate_size=72, num_hidden_layers=4, num_attention_heads=4,
@@ -45,8 +45,8 @@ def _tiny_cfg(**overrides):
 
 def _write_checkpoint(folder: Path, cfg, *, seed: int, dtype=torch.bfloat16, fmt="safetensors-sharded"):
     """A published-style folder (config.json, two weight files) of a random model; returns its weights."""
-    from train.models.baichuan import BaichuanForCausalLM, init_weights
-    from train.models.hub import write_hub_checkpoint
+    from train.models.baichuan.model import BaichuanForCausalLM, init_weights
+    from train.models.baichuan.hub import write_hub_checkpoint
 
     torch.manual_seed(seed)
     model = BaichuanForCausalLM(cfg)
@@ -66,7 +66,7 @@ def test_init_pieces_equal_the_full_model_init(position):
     """`init_pieces` replays the full model's seeded construction + init_weights piece by piece:
     the same tensors bit for bit, and the global RNG ends where the full build leaves it."""
     from train.build import init_pieces
-    from train.models.baichuan import BaichuanForCausalLM, init_weights
+    from train.models.baichuan.model import BaichuanForCausalLM, init_weights
 
     cfg = _tiny_cfg(position=position, num_hidden_layers=3)
     torch.manual_seed(SEED)
@@ -90,7 +90,7 @@ def test_init_pieces_equal_the_full_model_init(position):
 
 @pytest.mark.parametrize("fmt", ["safetensors-sharded", "bin-sharded"])
 def test_checkpoint_files_come_one_at_a_time_and_only_the_named_tensors(tmp_path, fmt):
-    from train.models.hub import iter_checkpoint_files
+    from train.models.baichuan.hub import iter_checkpoint_files
 
     weights = _write_checkpoint(tmp_path, _tiny_cfg(), seed=1, fmt=fmt)  # .bin carries rotary inv_freq
     files = list(iter_checkpoint_files(tmp_path))
@@ -142,7 +142,7 @@ def test_pretrained_folder_trains_under_ddp_fsdp_and_pipeline(tmp_path):
     from safetensors.torch import load_file
 
     from tests.helpers import read_metrics, run_train, tiny_tokenizer, write_job
-    from train.models.hub import load_pretrained
+    from train.models.baichuan.hub import load_pretrained
 
     tok = tiny_tokenizer(tmp_path.parent)
     ckpt = tmp_path / "ckpt"
@@ -195,9 +195,9 @@ def _build(name, dims, parallel, source: str, folder: Path, fill_from: Path | No
     to fill from than the one the model was built from: a mismatching checkpoint)."""
     import dataclasses
 
-    from launcher.config import TrainConfig
+    from job.config import TrainConfig
     from train.build import build_model, fill_weights
-    from train.models.hub import load_weights_distributed
+    from train.models.baichuan.hub import load_weights_distributed
     from train.parallel.base import parallelize
     from train.parallel.mesh import build_mesh
 
@@ -225,9 +225,9 @@ def _worker(tmp: str, out_path: str) -> None:
 
     import torch.distributed as dist
 
-    from launcher.errors import ConfigError
+    from job.errors import ConfigError
     from train.build import params_held_per_rank
-    from train.models.baichuan import BaichuanForCausalLM, init_weights, num_params
+    from train.models.baichuan.model import BaichuanForCausalLM, init_weights, num_params
 
     folder = Path(tmp)
 

@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from launcher import shell, ssh
-from launcher.errors import ConfigError, MlaunchError
+from job.errors import ConfigError, MlaunchError
 
 # Values that break naive quoting: each must arrive byte for byte.
 NASTY = [

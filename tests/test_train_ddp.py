@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from launcher.config import ParallelConfig, validate
-from launcher.errors import ConfigError
+from job.config import ParallelConfig, validate
+from job.errors import ConfigError
 from tests.helpers import read_eval_metrics, read_metrics, run_train, write_job
 from train.loop import lr_factor
 from train.parallel.base import ParallelDims, resolve_auto

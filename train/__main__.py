@@ -11,8 +11,8 @@ import os
 import sys
 import traceback
 
-from launcher.config import load_config
-from launcher.errors import MlaunchError
+from job.config import load_config
+from job.errors import MlaunchError
 from train import distributed as D
 
 

@@ -17,17 +17,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from launcher.config import VARIANT_LAYOUT, TrainConfig
-from launcher.errors import ConfigError
+from job.config import VARIANT_LAYOUT, TrainConfig
+from job.errors import ConfigError
 from train import distributed as D
-from train.models.baichuan import BaichuanConfig, BaichuanForCausalLM, init_weights, set_activation_checkpointing
+from train.models.baichuan.model import BaichuanConfig, BaichuanForCausalLM, init_weights, set_activation_checkpointing
 from train.parallel.base import ParallelDims, Parallelized
 
 
 def model_dir_of(cfg: TrainConfig) -> Path | None:
     if cfg.model.name_or_path is None:
         return None
-    from train.models.hub import resolve_checkpoint_dir
+    from train.models.baichuan.hub import resolve_checkpoint_dir
 
     try:
         return resolve_checkpoint_dir(cfg.model.name_or_path)
@@ -89,7 +89,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, model_dir: Path | None, devic
             init_weights(model, mcfg.initializer_range)
             model.to(device)
     else:
-        from train.models.hub import checkpoint_weight_files, load_pretrained, read_config
+        from train.models.baichuan.hub import checkpoint_weight_files, load_pretrained, read_config
 
         try:
             if meta:
@@ -165,7 +165,7 @@ def fill_weights(par: Parallelized, pending: PendingWeights, mcfg: BaichuanConfi
     * pretrained, pipeline: each rank reads only its stages' tensors.
     * `model.init`: every rank replays the seeded init piece by piece (`init_pieces`) and keeps
       its part: no communication, and the same draws each rank made before (the full model)."""
-    from train.models.hub import copy_full_, load_weights_distributed
+    from train.models.baichuan.hub import copy_full_, load_weights_distributed
 
     module = par._single_module()  # the state-dict view: published names, this rank's parameters
     if pending.checkpoint is not None:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 
-from launcher.errors import ConfigError
+from job.errors import ConfigError
 from train import distributed as D
 
 MARKER = "COMPLETE"
@@ -202,7 +202,7 @@ def check_shared(ckpt_dir: Path, is_rank0: bool) -> None:
     nodes' shards, a checkpoint that looks complete and is not. Collective; one line if not."""
     import uuid
 
-    from launcher.errors import ConfigError
+    from job.errors import ConfigError
     from train import distributed as D
 
     if not D.is_initialized() or D.get_world_size() == 1:

@@ -36,8 +36,8 @@ import datasets
 import numpy as np
 import torch
 
-from launcher.config import DataConfig, TrainConfig
-from launcher.errors import ConfigError, MlaunchError
+from job.config import DataConfig, TrainConfig
+from job.errors import ConfigError, MlaunchError
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from launcher.errors import ConfigError
+from job.errors import ConfigError
 
 # Worst case a rank waits on its peers: node-local data preparation and tokenizer training run
 # on local rank 0 while the others sit in a barrier.

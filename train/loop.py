@@ -22,14 +22,14 @@ from typing import Any
 
 import torch
 
-from launcher.config import JobConfig, TrainConfig, to_yaml
-from launcher.errors import MlaunchError
+from job.config import JobConfig, TrainConfig, to_yaml
+from job.errors import MlaunchError
 from train import checkpoint as ckpt
 from train import distributed as D
 from train.distributed import DistEnv, StopFlag
 from train.build import build_model, describe_weights, fill_weights, model_dir_of, params_held_per_rank
 from train.metrics import MetricsLogger, gpu_peak_flops
-from train.models.baichuan import flops_per_token, num_params
+from train.models.baichuan.model import flops_per_token, num_params
 from train.parallel.base import ParallelDims, Parallelized, parallelize, target_tokens
 from train.parallel.mesh import build_mesh
 
@@ -197,7 +197,7 @@ def train(job: JobConfig, env: DistEnv, dims: ParallelDims, device: torch.device
     if cfg.checkpoint.export:
         state = par.full_state_dict_for_export()
         if env.is_rank0:
-            from train.models.hub import save_state_dict
+            from train.models.baichuan.hub import save_state_dict
 
             dtype = getattr(torch, cfg.checkpoint.export_dtype)
             state = {k: v.to(dtype) for k, v in state.items()}

@@ -35,12 +35,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from launcher.errors import ConfigError
-from train.parallel.dims import ParallelDims  # noqa: F401  (re-exported: the loop's and strategies' import)
-from train.models.baichuan import IGNORE_INDEX, causal_lm_loss
+from job.errors import ConfigError
+from job.layout import ParallelDims  # noqa: F401  (re-exported: the loop's and strategies' import)
+from train.models.baichuan.model import IGNORE_INDEX, causal_lm_loss
 
 if TYPE_CHECKING:
-    from launcher.config import JobConfig, TrainConfig
+    from job.config import JobConfig, TrainConfig
 
 # strategy name → "module:Class"; imported lazily so an unused strategy costs nothing.
 STRATEGIES: dict[str, str] = {
@@ -57,7 +57,7 @@ def resolve_auto(job: "JobConfig", world_size: int, nproc_per_node: int, has_gpu
     `python -m train` or torchrun is started by hand). Returns (job, one-line reason or None)."""
     if job.train.parallel.strategy != "auto":
         return job, None
-    from launcher import autoplan
+    from job import autoplan
 
     nnodes = max(1, world_size // nproc_per_node)
     # Plan for the world that actually started, not for what the YAML's launch section says.

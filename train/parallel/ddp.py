@@ -13,7 +13,7 @@ from train.parallel.base import ParallelDims, Parallelized
 from train.parallel.mesh import dp_group
 
 if TYPE_CHECKING:
-    from launcher.config import TrainConfig
+    from job.config import TrainConfig
 
 
 def apply_ddp(model: nn.Module, *, group, device: torch.device) -> nn.Module:

@@ -10,7 +10,7 @@ HSDP is the same call on the ("dp_replicate", "dp_shard") mesh: `fully_shard` sh
 second dimension (the GPUs of a node, fast links) and replicates over the first (across nodes),
 so the slow inter-node links carry one all-reduce of a 1/shard gradient slice per step.
 
-The units are exactly the planner's (`launcher.planner._fsdp_units`), so its prediction of the
+The units are exactly the planner's (`job.planner._fsdp_units`), so its prediction of the
 gathered parameters' memory matches what runs.
 
 `python -m train` hands over a model built on the meta device (`train.build.build_model`): it is
@@ -32,7 +32,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from train.parallel.base import ParallelDims, Parallelized
 
 if TYPE_CHECKING:
-    from launcher.config import TrainConfig
+    from job.config import TrainConfig
 
 
 def mixed_precision_policy(device: torch.device, mixed_precision: str) -> MixedPrecisionPolicy | None:

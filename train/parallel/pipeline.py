@@ -2,7 +2,7 @@
 
 Layout. The ("pp", "dp") mesh: `pp` ranks hold consecutive parts of the model, and each part is
 replicated (DDP) or sharded (FSDP, `parallel.dp_shard`) over the `dp` ranks of its stage. The
-layers are cut by `launcher.planner.split_layers` (parameters + FLOPs balanced, embedding on the
+layers are cut by `job.planner.split_layers` (parameters + FLOPs balanced, embedding on the
 first stage, norm + head on the last), the very function the planner predicts with. With
 `interleaved_1f1b` each rank holds `stages_per_rank` virtual stages: the model is cut into
 pp × stages_per_rank parts and part k lives on rank k mod pp (the placement the schedule expects).
@@ -52,15 +52,15 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.distributed.tensor import DTensor
 
-from launcher.errors import ConfigError
-from launcher.planner import ModelDims, split_layers
-from train.models.baichuan import IGNORE_INDEX, PAD_ID, BaichuanConfig, BaichuanForCausalLM, causal_lm_loss
+from job.errors import ConfigError
+from job.planner import ModelDims, split_layers
+from train.models.baichuan.model import IGNORE_INDEX, PAD_ID, BaichuanConfig, BaichuanForCausalLM, causal_lm_loss
 from train.parallel.base import ParallelDims, Parallelized, target_tokens, to_device
 from train.parallel.ddp import apply_ddp
 from train.parallel.fsdp import apply_fsdp, materialize, mixed_precision_policy, offload_policy
 
 if TYPE_CHECKING:
-    from launcher.config import ParallelConfig, TrainConfig
+    from job.config import ParallelConfig, TrainConfig
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
 

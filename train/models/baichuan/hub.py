@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from train.models.baichuan import BaichuanConfig, BaichuanForCausalLM, Position
+from train.models.baichuan.model import BaichuanConfig, BaichuanForCausalLM, Position
 
 HUB_ALLOW_PATTERNS = ["config.json", "*.bin", "*.safetensors", "*.index.json", "tokenizer.model"]
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30

@@ -1,6 +1,6 @@
 """`parallel: auto`: ask the planner, then write its choice into the config the ranks read.
 
-The planner (launcher/planner.py) is pure arithmetic over model and cluster dimensions; this
+The planner (job/planner.py) is pure arithmetic over model and cluster dimensions; this
 module gathers those dimensions from the config — the checkpoint's config.json when the
 launcher can read it, else the known Baichuan variants by name, else `model.init` — and turns
 the chosen candidate back into config fields, so `train` runs exactly what `plan` printed.
@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from launcher.config import VARIANT_LAYOUT, JobConfig
-from launcher.errors import ConfigError
+from job.config import VARIANT_LAYOUT, JobConfig
+from job.errors import ConfigError
 
 # A tiny model's vocabulary when neither init.vocab_size nor a tokenizer size says it.
 _FALLBACK_VOCAB = 64000
@@ -21,7 +21,7 @@ _FALLBACK_VOCAB = 64000
 
 def model_dims(cfg: JobConfig) -> tuple[Any, str]:
     """(ModelDims, where they came from)."""
-    from launcher import planner
+    from job import planner
 
     m = cfg.train.model
     position = None if m.position == "auto" else m.position
@@ -44,7 +44,7 @@ def model_dims(cfg: JobConfig) -> tuple[Any, str]:
 
 
 def cluster_spec(cfg: JobConfig, *, standalone: bool, gpus: dict[int, int] | None) -> Any:
-    from launcher import planner
+    from job import planner
 
     cluster = cfg.cluster
     nnodes = 1 if standalone or cluster is None else len(cluster.nodes)
@@ -72,7 +72,7 @@ def cluster_spec(cfg: JobConfig, *, standalone: bool, gpus: dict[int, int] | Non
 
 
 def _workload(cfg: JobConfig, spec: Any) -> Any:
-    from launcher import planner
+    from job import planner
 
     par = cfg.train.parallel
     return planner.Workload(seq_len=cfg.train.data.max_length, micro_batch=cfg.train.data.micro_batch_size,
@@ -86,7 +86,7 @@ def assess(cfg: JobConfig, *, standalone: bool, gpus: dict[int, int] | None) -> 
     same strategy, degrees and recomputation, the memory budget in bytes), or None when the
     model's size is unknown here.
     `mlaunch plan` shows it, and warns when it predicts the layout will not fit."""
-    from launcher import planner
+    from job import planner
 
     par = cfg.train.parallel
     try:
@@ -119,7 +119,7 @@ def resolve_parallel(cfg: JobConfig, *, standalone: bool, gpus: dict[int, int] |
     par = cfg.train.parallel
     if par.strategy != "auto":
         return cfg, None
-    from launcher import planner
+    from job import planner
 
     dims, source = model_dims(cfg)
     spec = cluster_spec(cfg, standalone=standalone, gpus=gpus)
@@ -148,7 +148,7 @@ def summary(cfg: JobConfig, decision: Any, estimate: Any = None) -> dict[str, An
     if par.strategy == "pipeline":
         out.update(pp=par.pp, schedule=par.schedule, microbatches=par.microbatches or 2 * par.pp, dp_shard=par.dp_shard)
     if decision is not None:
-        from launcher import planner
+        from job import planner
 
         out["chosen_by"] = "auto"
         out["reason"] = decision.reason
@@ -161,7 +161,7 @@ def summary(cfg: JobConfig, decision: Any, estimate: Any = None) -> dict[str, An
 
 
 def print_decision(console: Any, decision: Any) -> None:
-    from launcher import planner
+    from job import planner
 
     console.print(planner.render_table(decision))
     for note in decision.notes:

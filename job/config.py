@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from launcher.errors import ConfigError
+from job.errors import ConfigError
 
 DEFAULT_DATASET = "bitext/Bitext-customer-support-llm-chatbot-training-dataset"
 # The product tutorial's prompt, kept as the default so a plain config reproduces its recipe.

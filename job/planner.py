@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Iterable
 
-from launcher.errors import ConfigError
+from job.errors import ConfigError
 
 GiB = 1024**3
 GB = 10**9
@@ -423,7 +423,7 @@ def layer_activation_bytes(model: ModelDims, tokens: int, act_bytes: int = 2) ->
 
 def checkpointed_layers(layers: range, recompute: str) -> int:
     """How many of `layers` are recomputed: all (full), the even-indexed ones (selective — as
-    `train.models.baichuan.set_activation_checkpointing` does), or none."""
+    `train.models.baichuan.model.set_activation_checkpointing` does), or none."""
     if recompute == "full":
         return len(layers)
     if recompute == "selective":

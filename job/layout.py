@@ -7,10 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from launcher.errors import ConfigError
+from job.errors import ConfigError
 
 if TYPE_CHECKING:
-    from launcher.config import ParallelConfig
+    from job.config import ParallelConfig
 
 
 @dataclass(frozen=True)
