@@ -2,7 +2,7 @@
 
 Reads the real Bitext rows from ../shared/data/bitext/ at run time (never copied into the
 project), trains a SentencePiece tokenizer (~8000 pieces) on them in a temp folder, tokenises
-with the tutorial's prompt through train/data.py, and prints token-length statistics and the
+with the tutorial's prompt through train/data/, and prints token-length statistics and the
 real-token fraction of three batchings at micro-batch 8:
 
   * pad_to_max      the tutorial's: random batches, every example padded to max_length (1024);
@@ -31,9 +31,9 @@ sys.path.insert(0, str(ROOT))
 
 from job.config import TrainConfig  # noqa: E402
 from train.data import (  # noqa: E402
-    LengthGroupedBatches, PadToMaxBatches, collate, ensure_tokenizer, prepare_data, real_token_fraction,
+    LengthGroupedBatches, PadToMaxBatches, collate, prepare_data, real_token_fraction,
 )
-from train.tokenizer import BaichuanTokenizer  # noqa: E402
+from train.tokenizer import BaichuanTokenizer, ensure_tokenizer  # noqa: E402
 
 DEFAULT_CSV = ROOT.parent / "shared" / "data" / "bitext" / "customer_support_train_4514.csv"
 SAMPLE = ROOT / "train" / "data" / "bitext_sample.jsonl"

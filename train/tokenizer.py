@@ -1,23 +1,29 @@
-"""Baichuan's SentencePiece tokenizer, used directly (no transformers tokenizer classes).
+"""Baichuan's SentencePiece tokenizer, used directly (no transformers tokenizer classes), and
+the bootstrap that trains a tiny one when no tokenizer exists (`ensure_tokenizer`).
 
-Ids follow the published ``tokenizer.model``: ``<unk>`` = 0 (also used for padding),
-``<s>`` = 1, ``</s>`` = 2.
+Ids follow the published ``tokenizer.model`` (job.baichuan): ``<unk>`` = 0 (also used for
+padding), ``<s>`` = 1, ``</s>`` = 2.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
-import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sentencepiece as spm
 
-UNK_ID = 0
-PAD_ID = UNK_ID
-BOS_ID = 1
-EOS_ID = 2
+from job.baichuan import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from job.errors import ConfigError, MlaunchError
+from job.files import publish_file
+
+if TYPE_CHECKING:
+    from job.config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 class BaichuanTokenizer:
@@ -92,19 +98,7 @@ def train_sentencepiece(
             ) from None
         raise
 
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return publish_file(out_path, buf.getvalue(), fsync=True)
 
 
 def _train_into(
@@ -133,3 +127,55 @@ def _train_into(
         shuffle_input_sentence=False,
         minloglevel=2,
     )
+
+
+# ------------------------------------------------------------------------------------ bootstrap
+def ensure_tokenizer(cfg: TrainConfig, model_dir: str | os.PathLike | None, cache_dir: str | os.PathLike, *,
+                     local_rank: int, barrier: Callable[[], None]) -> Path:
+    """The tokenizer.model to use: `train.tokenizer.path`, else `<model_dir>/tokenizer.model`, else
+    one trained on the training texts (`train.tokenizer.train_vocab_size`; once per node, cached
+    under `cache_dir`, deterministic, written atomically), else a ConfigError.
+
+    Every rank calls this; `barrier` is called once by all of them only in the training case."""
+    tok = cfg.tokenizer
+    if tok.path:
+        path = Path(os.path.expanduser(tok.path))
+        if not path.is_file():
+            raise ConfigError(f"train.tokenizer.path: {path} does not exist; "
+                              "point it at a SentencePiece tokenizer.model")
+        return path
+    if model_dir is not None and (Path(model_dir) / "tokenizer.model").is_file():
+        return Path(model_dir) / "tokenizer.model"
+    if not tok.train_vocab_size:
+        where = f"{model_dir} has no tokenizer.model" if model_dir is not None else "the model is built from `init`"
+        raise ConfigError(f"train.tokenizer: {where}; set train.tokenizer.path, or train.tokenizer.train_vocab_size "
+                          "to train one on the data")
+    from train.data import training_texts  # heavy (datasets); only when a tokenizer is trained
+    from train.distributed import local_rank0_first
+
+    cache_dir = Path(cache_dir)
+
+    def train_once() -> None:
+        out = _tokenizer_path(cfg, cache_dir)
+        if not out.is_file():
+            try:
+                train_sentencepiece(training_texts(cfg), out, tok.train_vocab_size)  # writes atomically
+            except ValueError as e:
+                raise ConfigError(f"train.tokenizer.train_vocab_size: {e}") from e
+            log.info("trained a %d-piece tokenizer on %s → %s", tok.train_vocab_size, cfg.data.path, out)
+
+    local_rank0_first(train_once, local_rank=local_rank, barrier=barrier)
+    out = _tokenizer_path(cfg, cache_dir)
+    if not out.is_file():
+        raise MlaunchError(f"local rank 0 did not produce {out}; see its error above")
+    return out
+
+
+def _tokenizer_path(cfg: TrainConfig, cache_dir: Path) -> Path:
+    from train.data.cache import cache_key, data_settings
+    from train.data.sources import source_identity
+
+    _, identity, _ = source_identity(cfg.data)
+    key = cache_key({"what": "tokenizer", "source": identity, **data_settings(cfg),
+                     "vocab": cfg.tokenizer.train_vocab_size})
+    return cache_dir / f"tokenizer-{key}.model"
