@@ -15,7 +15,7 @@ Every "node" is this machine: remote-side work (sshd's handshake, the login shel
 the probe's `import torch`) shares its cores with the launcher. The CPU seconds of the launcher
 process are reported beside the wall time to separate the two.
 
-    /work/venv/bin/python benchmarks/fanout.py [--sizes 1,4,16,32] [--repeat 5] [--out FILE]
+    python benchmarks/fanout.py [--sizes 1,4,16,32] [--repeat 5] [--out FILE]
 
 Needs sshd (openssh-server), ssh (openssh-client) and pdsh (`apt-get install -y pdsh`).
 """

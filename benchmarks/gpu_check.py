@@ -67,23 +67,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def model_config(args: argparse.Namespace):
-    from train.models.baichuan.model import BaichuanConfig, variant_config
+    from job.baichuan import BaichuanConfig, variant
 
     if args.cpu_smoke:
         return BaichuanConfig(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=args.layers,
                               num_attention_heads=4, position="rope", norm_head=True)
-    return variant_config("baichuan2-7b", num_hidden_layers=args.layers)
+    return variant("baichuan2-7b", num_hidden_layers=args.layers)
 
 
 def planner_prediction(mcfg, args: argparse.Namespace, micro_batch: int, gpu_name: str) -> dict:
     """The planner's memory for this exact shape on one GPU (a `ddp` candidate of world size 1)."""
-    from job.planner import ClusterSpec, ModelDims, Workload, enumerate_candidates
+    from job.planner import ClusterSpec, Workload, enumerate_candidates
 
-    dims = ModelDims(n_layers=mcfg.num_hidden_layers, hidden=mcfg.hidden_size, ffn=mcfg.intermediate_size,
-                     heads=mcfg.num_attention_heads, vocab=mcfg.vocab_size, position=mcfg.position)
     cluster = ClusterSpec.from_gpu_type(gpu_name, nnodes=1, gpus_per_node=1)
     work = Workload(seq_len=args.seq, micro_batch=micro_batch, mixed_precision=not args.cpu_smoke)
-    (cand,) = enumerate_candidates(dims, cluster, work, allowed=["ddp"], recompute=[args.recompute])
+    (cand,) = enumerate_candidates(mcfg, cluster, work, allowed=["ddp"], recompute=[args.recompute])
     mem = dict(cand.memory)
     return {"memory": mem, "allocated": mem["total"] - mem["overhead"], "gpu_mem_bytes": cluster.gpu_mem_bytes,
             "step_time_s": cand.step_time_s}
@@ -108,7 +106,9 @@ def attempt(mcfg, args: argparse.Namespace, micro_batch: int, device, deadline: 
     from job.config import TrainConfig
     from train.loop import build_optimizer
     from train.models.baichuan.model import BaichuanForCausalLM, init_weights, set_activation_checkpointing
-    from train.parallel.base import ParallelDims, parallelize, target_tokens
+    from job.layout import Layout
+    from train.models.baichuan.parallelize import BAICHUAN
+    from train.parallel.base import parallelize, target_tokens
 
     if args.simulate_oom > 0:
         args.simulate_oom -= 1
@@ -122,8 +122,7 @@ def attempt(mcfg, args: argparse.Namespace, micro_batch: int, device, deadline: 
         model = BaichuanForCausalLM(mcfg)
     init_weights(model, mcfg.initializer_range)
     set_activation_checkpointing(model, args.recompute)
-    par = parallelize(model, dims=ParallelDims(1, "ddp", dp=1), mesh=None, cfg=cfg, device=device,
-                      z_loss_weight=0.0)
+    par = parallelize(model, layout=Layout(), mesh=None, cfg=cfg, device=device, z_loss_weight=0.0, arch=BAICHUAN)
     opt = build_optimizer(par, cfg, device)
     fused = bool(opt.defaults.get("fused"))
 
@@ -177,7 +176,6 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from train.metrics import gpu_peak_flops
-    from train.models.baichuan.model import flops_per_token, num_params
 
     if args.cpu_smoke:
         device = torch.device("cpu")
@@ -215,14 +213,14 @@ def main(argv: list[str] | None = None) -> dict:
                 torch.cuda.empty_cache()
             print(f"OOM, retrying with micro-batch {micro_batch}", flush=True)
 
-    per_token = flops_per_token(mcfg, args.seq)
+    per_token = mcfg.flops_per_token(args.seq)
     peak = gpu_peak_flops(device) if device.type == "cuda" else None
     if device.type == "cuda" and peak is None:
         peak = DEFAULT_PEAK_TFLOPS * 1e12  # unknown card name: assume an H100's peak, and say so below
     pred = planner_prediction(mcfg, args, result["micro_batch"], gpu_name if not args.cpu_smoke else "cpu")
     figures = {
         "device": gpu_name, "layers": args.layers, "hidden": mcfg.hidden_size, "vocab": mcfg.vocab_size,
-        "seq": args.seq, "params": num_params(mcfg), "recompute": args.recompute,
+        "seq": args.seq, "params": mcfg.num_params, "recompute": args.recompute,
         "precision": "fp32 master + bf16 autocast" if device.type == "cuda" else "fp32",
         **result,
         "flops_per_token": per_token,

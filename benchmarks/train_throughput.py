@@ -71,7 +71,9 @@ def bare_loop(batches: list[dict], steps: int, warmup: int, clip: float | None) 
     """A plain PyTorch loop; returns (median real tokens/s, median padded tokens/s, real fraction)."""
     import torch
 
-    from train.models.baichuan.model import BaichuanConfig, BaichuanForCausalLM, causal_lm_loss, init_weights
+    from job.baichuan import BaichuanConfig
+    from train.loss import causal_lm_loss
+    from train.models.baichuan.model import BaichuanForCausalLM, init_weights
 
     torch.manual_seed(0)
     vocab = batches[0]["vocab"]

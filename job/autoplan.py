@@ -1,6 +1,6 @@
 """`parallel: auto`: ask the planner, then write its choice into the config the ranks read.
 
-The planner (job/planner.py) is pure arithmetic over model and cluster dimensions; this
+The planner (job/planner/) is pure arithmetic over model and cluster dimensions; this
 module gathers those dimensions from the config — the checkpoint's config.json when the
 launcher can read it, else the known Baichuan variants by name, else `model.init` — and turns
 the chosen candidate back into config fields, so `train` runs exactly what `plan` printed.
@@ -8,35 +8,33 @@ the chosen candidate back into config fields, so `train` runs exactly what `plan
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from job.config import VARIANT_LAYOUT, JobConfig
+from job.baichuan import BaichuanConfig, by_name, from_model_config, read_config_json
+from job.config import JobConfig
 from job.errors import ConfigError
+from job.layout import Layout
 
 # A tiny model's vocabulary when neither init.vocab_size nor a tokenizer size says it.
 _FALLBACK_VOCAB = 64000
 
 
-def model_dims(cfg: JobConfig) -> tuple[Any, str]:
-    """(ModelDims, where they came from)."""
-    from job import planner
-
+def model_config(cfg: JobConfig) -> tuple[BaichuanConfig, str]:
+    """(the model's spec, where it came from) — the same `from_model_config` the ranks build from."""
     m = cfg.train.model
-    position = None if m.position == "auto" else m.position
     if m.init is not None:
-        i = m.init
-        vocab = i.vocab_size or cfg.train.tokenizer.train_vocab_size or _FALLBACK_VOCAB
-        pos = position or VARIANT_LAYOUT.get(m.variant, VARIANT_LAYOUT["baichuan2-7b"])[0]
-        return planner.ModelDims(n_layers=i.num_hidden_layers, hidden=i.hidden_size, ffn=i.intermediate_size,
-                                 heads=i.num_attention_heads, vocab=vocab, position=pos), "train.model.init"
+        vocab = m.init.vocab_size or cfg.train.tokenizer.train_vocab_size or _FALLBACK_VOCAB
+        return from_model_config(m, vocab_size=vocab), "train.model.init"
     assert m.name_or_path is not None
-    config_json = Path(m.name_or_path).expanduser() / "config.json"
-    if config_json.is_file():
-        return planner.ModelDims.from_hf_config(json.loads(config_json.read_text()), position=position), str(config_json)
+    folder = Path(m.name_or_path).expanduser()
+    if (folder / "config.json").is_file():
+        try:
+            return from_model_config(m, hf_config=read_config_json(folder)), str(folder / "config.json")
+        except ValueError as e:
+            raise ConfigError(f"train.model.name_or_path: {e}") from None
     try:
-        return planner.by_name(m.variant if m.variant != "auto" else m.name_or_path), "known Baichuan variant"
+        return by_name(m.variant if m.variant != "auto" else m.name_or_path), "known Baichuan variant"
     except ConfigError:
         raise ConfigError(
             f"train.parallel.strategy auto: cannot tell the size of `{m.name_or_path}` (no config.json readable "
@@ -90,27 +88,18 @@ def assess(cfg: JobConfig, *, standalone: bool, gpus: dict[int, int] | None) -> 
 
     par = cfg.train.parallel
     try:
-        dims, _ = model_dims(cfg)
+        model, _ = model_config(cfg)
     except ConfigError:
         return None
     spec = cluster_spec(cfg, standalone=standalone, gpus=gpus)
-    world = spec.world_size
-    if par.strategy == "pipeline":
-        dp = world // par.pp
-        strategy = "pipeline" if dp == 1 else ("pipeline+fsdp" if par.dp_shard else "pipeline+ddp")
-        degrees = {"pp": par.pp} if dp == 1 else {"pp": par.pp, ("shard" if par.dp_shard else "dp"): dp}
-    elif par.strategy == "hsdp":
-        strategy, degrees = "hsdp", {"replicate": spec.nnodes, "shard": spec.gpus_per_node}
-    elif par.strategy == "fsdp":
-        strategy, degrees = "fsdp", {"shard": world}
-    else:
-        strategy, degrees = "ddp", {"dp": world}
     try:
-        candidates = planner.enumerate_candidates(dims, spec, _workload(cfg, spec), par.memory_budget, allowed=[strategy],
+        layout = Layout.from_config(par, spec.world_size, spec.gpus_per_node)
+        candidates = planner.enumerate_candidates(model, spec, _workload(cfg, spec), par.memory_budget,
+                                                  allowed=[layout.name],
                                                   recompute=[cfg.train.model.activation_checkpointing])
     except (ConfigError, ValueError):
         return None
-    chosen = next((c for c in candidates if c.strategy == strategy and c.degrees == degrees), None)
+    chosen = next((c for c in candidates if c.layout == layout), None)
     return None if chosen is None else (chosen, int(par.memory_budget * spec.gpu_mem_bytes))
 
 
@@ -121,20 +110,17 @@ def resolve_parallel(cfg: JobConfig, *, standalone: bool, gpus: dict[int, int] |
         return cfg, None
     from job import planner
 
-    dims, source = model_dims(cfg)
+    model, source = model_config(cfg)
     spec = cluster_spec(cfg, standalone=standalone, gpus=gpus)
-    decision = planner.plan_parallel(dims, spec, _workload(cfg, spec), memory_budget=par.memory_budget)
+    decision = planner.plan_parallel(model, spec, _workload(cfg, spec), memory_budget=par.memory_budget)
     decision.notes.append(f"model dimensions from {source}; cluster {spec.describe()}")
     chosen = decision.chosen
     if chosen is None:
         raise ConfigError(f"train.parallel.strategy auto: {decision.reason}")
     resolved = cfg.model_copy(deep=True)
-    rp = resolved.train.parallel
-    rp.strategy = chosen.family
-    if chosen.family == "pipeline":
-        rp.pp = chosen.degrees["pp"]
-        rp.dp_shard = "shard" in chosen.degrees
-        rp.microbatches = chosen.microbatches
+    resolved.train.parallel = chosen.layout.to_config(resolved.train.parallel)
+    if chosen.layout.pp > 1:
+        resolved.train.parallel.microbatches = chosen.microbatches
     # The memory estimate assumed this recomputation: auto owns the setting, like the strategy.
     resolved.train.model.activation_checkpointing = chosen.recompute  # type: ignore[assignment]
     return resolved, decision
@@ -146,7 +132,7 @@ def summary(cfg: JobConfig, decision: Any, estimate: Any = None) -> dict[str, An
     par = cfg.train.parallel
     out: dict[str, Any] = {"strategy": par.strategy, "activation_checkpointing": cfg.train.model.activation_checkpointing}
     if par.strategy == "pipeline":
-        out.update(pp=par.pp, schedule=par.schedule, microbatches=par.microbatches or 2 * par.pp, dp_shard=par.dp_shard)
+        out.update(pp=par.pp, schedule=par.schedule, microbatches=par.microbatches or 2 * par.pp, stage_dp=par.stage_dp)
     if decision is not None:
         from job import planner
 
@@ -160,9 +146,16 @@ def summary(cfg: JobConfig, decision: Any, estimate: Any = None) -> dict[str, An
     return out
 
 
-def print_decision(console: Any, decision: Any) -> None:
-    from job import planner
-
-    console.print(planner.render_table(decision))
-    for note in decision.notes:
-        console.print(f"note: {note}")
+def resolve_auto(job: JobConfig, world_size: int, nproc_per_node: int, has_gpu: bool) -> tuple[JobConfig, str | None]:
+    """`strategy: auto` → the planner's choice for this very world, as `mlaunch run` would write
+    it into the resolved config (which it does before launching: ranks see `auto` only when
+    `python -m train` or torchrun is started by hand). Returns (job, one-line reason or None)."""
+    if job.train.parallel.strategy != "auto":
+        return job, None
+    nnodes = max(1, world_size // nproc_per_node)
+    # Plan for the world that actually started, not for what the YAML's launch section says.
+    sized = job.model_copy(deep=True)
+    sized.launch.nproc_per_node = nproc_per_node
+    gpus = {i: nproc_per_node if has_gpu else 0 for i in range(nnodes)}
+    resolved, decision = resolve_parallel(sized, standalone=nnodes == 1, gpus=gpus)
+    return resolved, f"parallel auto: {resolved.train.parallel.strategy} ({decision.reason})"

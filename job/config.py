@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from job.baichuan import VariantName
 from job.errors import ConfigError
 
 DEFAULT_DATASET = "bitext/Bitext-customer-support-llm-chatbot-training-dataset"
@@ -164,15 +166,9 @@ class LaunchConfig(Section):
 
 
 # ----------------------------------------------------------------------------------------- train
-Variant = Literal["auto", "baichuan-7b", "baichuan-13b", "baichuan2-7b", "baichuan2-13b"]
-#: variant → (position scheme, NormHead); `auto` reads config.json (or, for `init`, the
-#: baichuan2-7b layout). Shared by the training code and the torch-free planner glue.
-VARIANT_LAYOUT: dict[str, tuple[str, bool]] = {
-    "baichuan-7b": ("rope", False),
-    "baichuan-13b": ("alibi", False),
-    "baichuan2-7b": ("rope", True),
-    "baichuan2-13b": ("alibi", True),
-}
+#: `auto` reads config.json (or, for `init`, means the baichuan2-7b layout); the names and their
+#: layouts are job.baichuan.VARIANTS.
+Variant = Literal["auto", VariantName]
 
 
 class ModelInit(Section):
@@ -256,7 +252,7 @@ class ScheduleConfig(Section):
 class ParallelConfig(Section):
     strategy: Literal["ddp", "fsdp", "hsdp", "pipeline", "auto"] = Field("ddp", description="`ddp`, `fsdp` (FSDP2 fully_shard), `hsdp` (shard in a node, replicate across), `pipeline` (with `pp` stages; × data parallel when world > pp), or `auto` (the planner picks and says why).")
     pp: int = Field(1, ge=1, description="Pipeline stages (strategy `pipeline`); the remaining factor of the world size is data parallel.")
-    dp_shard: bool = Field(False, description="With `pipeline`: shard each stage with FSDP instead of DDP across its data-parallel replicas.")
+    stage_dp: Literal["ddp", "fsdp"] = Field("ddp", description="With `pipeline`: how each stage is kept across its data-parallel replicas — `ddp` (replicated) or `fsdp` (sharded).")
     schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = Field("1f1b", description="Pipeline schedule.")
     microbatches: int | None = Field(None, ge=1, description="Pipeline microbatches per step; default 2·pp.")
     stages_per_rank: int = Field(2, ge=1, description="Virtual stages per rank for `interleaved_1f1b`.")
@@ -264,6 +260,23 @@ class ParallelConfig(Section):
     cpu_offload: bool = Field(False, description="FSDP: keep parameters and optimizer state in CPU memory.")
     mixed_precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="`auto`: bf16 compute with fp32 reduce/master weights on GPU, fp32 on CPU.")
     memory_budget: float = Field(0.9, gt=0, le=1, description="`auto`: fraction of GPU memory a plan may use.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_dp_shard(cls, data: Any) -> Any:
+        """`dp_shard: true|false` (before stage_dp) reused torch's name for a *degree* as a boolean;
+        it is still read, with a one-line note."""
+        if isinstance(data, dict) and "dp_shard" in data:
+            data = dict(data)
+            old = data.pop("dp_shard")
+            if not isinstance(old, bool):
+                raise ValueError("`dp_shard` is now `stage_dp: ddp | fsdp`")
+            if "stage_dp" in data:
+                raise ValueError("set only `stage_dp` (`dp_shard` is its old name)")
+            data["stage_dp"] = "fsdp" if old else "ddp"
+            print(f"note: train.parallel.dp_shard is deprecated; write `stage_dp: {data['stage_dp']}`",
+                  file=sys.stderr)
+        return data
 
 
 class CheckpointConfig(Section):
@@ -389,17 +402,17 @@ def _section_fields(path: tuple) -> list[str]:
         info = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
         if info is None:
             return []
-        model = _section_type(info.annotation)
+        model = section_type(info.annotation)
         if model is None:
             return []
     return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
 
 
-def _section_type(annotation: Any) -> type[BaseModel] | None:
+def section_type(annotation: Any) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in getattr(annotation, "__args__", ()) or ():
-        found = _section_type(arg)
+        found = section_type(arg)
         if found is not None:
             return found
     return None
@@ -440,7 +453,7 @@ def _all_field_names() -> set[str]:
             model = stack.pop()
             for fname, info in model.model_fields.items():
                 _FIELD_NAMES.add(fname)
-                sub = _section_type(info.annotation)
+                sub = section_type(info.annotation)
                 if sub is not None and sub is not model:
                     stack.append(sub)
     return _FIELD_NAMES

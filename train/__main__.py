@@ -13,6 +13,7 @@ import traceback
 
 from job.config import load_config
 from job.errors import MlaunchError
+from job.markers import STARTED
 from train import distributed as D
 
 
@@ -26,19 +27,22 @@ def main(argv: list[str] | None = None) -> None:
     code, clean = 1, False
     try:
         job = load_config(args.config, args.overrides)
-        from train.parallel.base import ParallelDims, resolve_auto  # torch: once the config is good
+        from job.autoplan import resolve_auto
+        from job.layout import Layout
 
         # Before the rendezvous: a bad layout is one line, not a hang or a NCCL error.
         device = D.select_device(job.train.device, env.local_rank)
         job, why = resolve_auto(job, env.world_size, env.local_world_size, device.type == "cuda")
         if why and env.is_rank0:
             print(why, file=sys.stderr, flush=True)
-        dims = ParallelDims.from_config(job.train.parallel, env.world_size, env.local_world_size)
+        layout = Layout.from_config(job.train.parallel, env.world_size, env.local_world_size)
         D.set_cpu_threads(env, device)
         D.init_process_group(env, device)
+        if env.is_rank0:  # the launcher's sign that every node joined the rendezvous
+            print(f"{STARTED}{env.world_size}", flush=True)
         from train.loop import train
 
-        code = train(job, env, dims, device, stop)
+        code = train(job, env, layout, device, stop)
         clean = True  # every rank got here together: the shutdown barrier is safe
     except MlaunchError as e:  # a user-fixable failure (bad config, diverged loss): one line
         code = e.exit_code

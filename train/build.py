@@ -17,11 +17,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from job.config import VARIANT_LAYOUT, TrainConfig
+from job.baichuan import BaichuanConfig, from_model_config, read_config_json
+from job.config import TrainConfig
 from job.errors import ConfigError
+from job.layout import Layout
 from train import distributed as D
-from train.models.baichuan.model import BaichuanConfig, BaichuanForCausalLM, init_weights, set_activation_checkpointing
-from train.parallel.base import ParallelDims, Parallelized
+from train.models.baichuan.model import BaichuanForCausalLM, init_weights, set_activation_checkpointing
+from train.parallel.base import Parallelized
 
 
 def model_dir_of(cfg: TrainConfig) -> Path | None:
@@ -35,16 +37,16 @@ def model_dir_of(cfg: TrainConfig) -> Path | None:
         raise ConfigError(f"train.model.name_or_path: {e}") from None
 
 
-def _built_on_meta(dims: ParallelDims | None) -> bool:
+def _built_on_meta(layout: Layout | None) -> bool:
     """Whether this rank builds the model on the meta device and lets the strategy allocate only
     its part: FSDP/HSDP shards, or a pipeline rank's stages. DDP holds the full model anyway, and
     a world of 1 has nothing to shard."""
-    return dims is not None and dims.world_size > 1 and dims.strategy in ("fsdp", "hsdp", "pipeline")
+    return layout is not None and layout.world_size > 1 and layout.strategy in ("fsdp", "hsdp", "pipeline")
 
 
-def _ddp_replica(dims: ParallelDims | None) -> bool:
+def _ddp_replica(layout: Layout | None) -> bool:
     """A DDP rank other than 0: its weights arrive by DDP's broadcast from rank 0."""
-    return dims is not None and dims.strategy == "ddp" and dims.world_size > 1 and D.get_rank() != 0
+    return layout is not None and layout.strategy == "ddp" and layout.world_size > 1 and D.get_rank() != 0
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ class PendingWeights:
 
 
 def build_model(cfg: TrainConfig, vocab_size: int, model_dir: Path | None, device: torch.device,
-                dims: ParallelDims | None = None) -> tuple[BaichuanForCausalLM, BaichuanConfig, PendingWeights | None]:
+                layout: Layout | None = None) -> tuple[BaichuanForCausalLM, BaichuanConfig, PendingWeights | None]:
     """A new model from `model.init` (same weights on every rank: seeded, built on CPU) or the
     pretrained one in `model_dir`; fp32 master weights either way.
 
@@ -67,20 +69,10 @@ def build_model(cfg: TrainConfig, vocab_size: int, model_dir: Path | None, devic
     full fp32 model (13B: 52 GB) on its device. Otherwise the model is complete and on `device`
     (pending is None)."""
     m = cfg.model
-    position, norm_head = VARIANT_LAYOUT.get(m.variant, (None, None))
-    position = position if m.position == "auto" else m.position
-    norm_head = norm_head if m.norm_head is None else m.norm_head
-    meta = _built_on_meta(dims)
+    meta = _built_on_meta(layout)
     pending = None
     if m.init is not None:
-        i = m.init
-        mcfg = BaichuanConfig(
-            vocab_size=i.vocab_size or vocab_size, hidden_size=i.hidden_size, intermediate_size=i.intermediate_size,
-            num_hidden_layers=i.num_hidden_layers, num_attention_heads=i.num_attention_heads,
-            position=position or "rope", norm_head=True if norm_head is None else norm_head,
-            z_loss_weight=m.z_loss_weight or 0.0, max_position_embeddings=i.max_position_embeddings,
-            initializer_range=i.initializer_range,
-        )
+        mcfg = from_model_config(m, vocab_size=vocab_size)
         if meta:
             pending = PendingWeights(None, cfg.seed, mcfg.initializer_range)
         else:
@@ -89,24 +81,25 @@ def build_model(cfg: TrainConfig, vocab_size: int, model_dir: Path | None, devic
             init_weights(model, mcfg.initializer_range)
             model.to(device)
     else:
-        from train.models.baichuan.hub import checkpoint_weight_files, load_pretrained, read_config
+        from train.models.baichuan.hub import build_empty_model, checkpoint_weight_files, load_weights_into
 
         try:
             if meta:
-                mcfg = BaichuanConfig.from_hf_dict(read_config(model_dir), position=position, norm_head=norm_head)
+                mcfg = from_model_config(m, hf_config=read_config_json(model_dir))
                 checkpoint_weight_files(model_dir)  # a folder without weights fails here, on every rank
                 pending = PendingWeights(model_dir, cfg.seed, mcfg.initializer_range)
-            elif _ddp_replica(dims):
+            elif _ddp_replica(layout):
                 # DDP broadcasts rank 0's parameters when it wraps the model: the other ranks only
                 # need storage, not a read of the whole checkpoint each (7B: 15 GB per rank).
-                mcfg = BaichuanConfig.from_hf_dict(read_config(model_dir), position=position, norm_head=norm_head)
+                mcfg = from_model_config(m, hf_config=read_config_json(model_dir))
                 checkpoint_weight_files(model_dir)
                 with torch.device("meta"):
                     model = BaichuanForCausalLM(mcfg)
                 model.to_empty(device=device)
             else:
-                model, mcfg = load_pretrained(model_dir, position=position, norm_head=norm_head, dtype=torch.float32,
-                                              device=device)
+                mcfg = from_model_config(m, hf_config=read_config_json(model_dir))
+                model = build_empty_model(mcfg, dtype=torch.float32, device=device)
+                load_weights_into(model, model_dir)
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"train.model.name_or_path: {e}") from None
     if meta:
@@ -130,7 +123,7 @@ def init_pieces(mcfg: BaichuanConfig, seed: int, std: float,
     Bit-identical to the full model because the global RNG sees the same draws in the same
     order: first the draws the constructor makes (each Linear/Embedding's `reset_parameters`,
     replayed piece by piece and thrown away), then `init_weights`'s, piece by piece. Peak host
-    memory is one piece (13B: the 2.5 GB head), not the model. tests/test_pretrained.py checks the
+    memory is one piece (13B: the 2.5 GB head), not the model. tests/unit/test_pretrained.py checks the
     equality, so a change to the model's constructor cannot silently break it."""
     with torch.device("meta"):
         skeleton = BaichuanForCausalLM(mcfg)
@@ -157,7 +150,7 @@ def init_pieces(mcfg: BaichuanConfig, seed: int, std: float,
             yield names
 
 
-def fill_weights(par: Parallelized, pending: PendingWeights, mcfg: BaichuanConfig, dims: ParallelDims) -> None:
+def fill_weights(par: Parallelized, pending: PendingWeights, mcfg: BaichuanConfig, layout: Layout) -> None:
     """Fill the parts a strategy allocated for a meta-device model (collective on every rank).
 
     * pretrained, fsdp/hsdp: rank 0 alone reads the checkpoint, one file at a time, and each
@@ -167,11 +160,11 @@ def fill_weights(par: Parallelized, pending: PendingWeights, mcfg: BaichuanConfi
       its part: no communication, and the same draws each rank made before (the full model)."""
     from train.models.baichuan.hub import copy_full_, load_weights_distributed
 
-    module = par._single_module()  # the state-dict view: published names, this rank's parameters
+    module = par.state_dict_module()  # the state-dict view: published names, this rank's parameters
     if pending.checkpoint is not None:
         try:
-            load_weights_distributed(module, pending.checkpoint, broadcast_from_rank0=dims.strategy != "pipeline",
-                                     allow_unexpected=dims.strategy == "pipeline")
+            load_weights_distributed(module, pending.checkpoint, broadcast_from_rank0=layout.strategy != "pipeline",
+                                     allow_unexpected=layout.strategy == "pipeline")
         except ValueError as e:
             raise ConfigError(f"train.model.name_or_path: {e}") from None
         return
@@ -195,14 +188,14 @@ def params_held_per_rank(par: Parallelized) -> list[int]:
     return [int(x) for x in D.all_reduce_sum(held).tolist()]
 
 
-def describe_weights(cfg: TrainConfig, dims: ParallelDims, pending: PendingWeights | None) -> str:
+def describe_weights(cfg: TrainConfig, layout: Layout, pending: PendingWeights | None) -> str:
     source = f"pretrained {cfg.model.name_or_path}" if cfg.model.name_or_path else f"init (seed {cfg.seed})"
-    if pending is None and cfg.model.name_or_path and dims.strategy == "ddp" and dims.world_size > 1:
+    if pending is None and cfg.model.name_or_path and layout.strategy == "ddp" and layout.world_size > 1:
         return f"{source}, read by rank 0 and broadcast by DDP to the full replica on every rank"
     if pending is None:
         return f"{source}, full model on every rank"
     if pending.checkpoint is None:
         return f"{source}, built on the meta device, each rank initialised only its part"
-    if dims.strategy == "pipeline":
+    if layout.strategy == "pipeline":
         return f"{source}, each rank read only its stages' tensors"
     return f"{source}, read by rank 0 one file at a time and broadcast into the shards"

@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -104,11 +106,40 @@ def barrier() -> None:
         dist.barrier()
 
 
+T = TypeVar("T")
+
+
+def local_rank0_first(fn: Callable[[], T], *, local_rank: int, barrier: Callable[[], None]) -> T | None:
+    """Run `fn` on local rank 0 while the node's other ranks wait in `barrier`; `fn`'s result on
+    local rank 0, None on the others (they then read what it left, e.g. a cache folder).
+
+    Every rank calls `barrier` exactly once, also when `fn` raises: local rank 0 re-raises the
+    error after the barrier, so no rank waits forever (the others find the output missing)."""
+    result: T | None = None
+    error: Exception | None = None
+    if local_rank == 0:
+        try:
+            result = fn()
+        except Exception as e:  # re-raised after the barrier
+            error = e
+    barrier()
+    if error is not None:
+        raise error
+    return result
+
+
 def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
     """In-place sum over `group` (default: every rank); a no-op alone."""
     if is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return t
+
+
+def all_reduce_counts(*counts: int) -> list[int]:
+    """Integer counts summed over every rank in one all-reduce (float64: exact below 2**53)."""
+    t = torch.tensor([float(c) for c in counts], dtype=torch.float64)
+    all_reduce_sum(t)
+    return [int(c) for c in t.tolist()]
 
 
 def broadcast_object(obj, src: int = 0):
@@ -149,7 +180,7 @@ def shutdown(exit_code: int, *, clean: bool) -> None:
     """End the worker without returning to the interpreter's exit path.
 
     gloo aborts at interpreter exit in roughly 1 run in 6-10 (SIGABRT, "terminate called
-    without an active exception"; DESIGN.md). What held in 40 of 40 runs: barrier, destroy,
+    without an active exception"; PyTorch issue #190489). What held in 40 of 40 runs: barrier, destroy,
     flush, `os._exit`. After an error the peers may be stuck in some other collective, where a
     barrier or an NCCL teardown could hang, so `clean=False` goes straight to `os._exit`:
     torchrun tears the other workers down when this one exits non-zero.

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -24,22 +23,24 @@ import torch
 
 from job.config import JobConfig, TrainConfig, to_yaml
 from job.errors import MlaunchError
+from job.files import publish_file
 from train import checkpoint as ckpt
 from train import distributed as D
 from train.distributed import DistEnv, StopFlag
 from train.build import build_model, describe_weights, fill_weights, model_dir_of, params_held_per_rank
 from train.metrics import MetricsLogger, gpu_peak_flops
-from train.models.baichuan.model import flops_per_token, num_params
-from train.parallel.base import ParallelDims, Parallelized, parallelize, target_tokens
+from job.layout import Layout
+from train.models.baichuan.parallelize import BAICHUAN
+from train.parallel.base import Parallelized, parallelize, target_tokens
 from train.parallel.mesh import build_mesh
 
 
 
 
-def train(job: JobConfig, env: DistEnv, dims: ParallelDims, device: torch.device, stop: StopFlag) -> int:
+def train(job: JobConfig, env: DistEnv, layout: Layout, device: torch.device, stop: StopFlag) -> int:
     """Run one training job on this rank; returns the exit code. Collective on every rank."""
-    from train.data import ensure_tokenizer, make_batch_sampler, prepare_data  # heavy (datasets)
-    from train.tokenizer import BaichuanTokenizer
+    from train.data import make_batch_sampler, prepare_data  # heavy (datasets)
+    from train.tokenizer import BaichuanTokenizer, ensure_tokenizer
 
     cfg = job.train
     out_dir = Path(cfg.output_dir)
@@ -48,29 +49,27 @@ def train(job: JobConfig, env: DistEnv, dims: ParallelDims, device: torch.device
     if env.is_rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
         if not (out_dir / "config.yaml").exists():  # `mlaunch run` writes it; a resume keeps the first
-            tmp = out_dir / f".config.yaml.{os.getpid()}"
-            tmp.write_text(to_yaml(job))
-            os.replace(tmp, out_dir / "config.yaml")
+            publish_file(out_dir / "config.yaml", to_yaml(job))
         removed = ckpt.clean_incomplete(ckpt_dir)
     D.barrier()
     ckpt.check_shared(ckpt_dir, env.is_rank0)
 
     # ---------------------------------------------------------------- tokenizer, data, model
     torch.manual_seed(cfg.seed)
-    mesh = build_mesh(dims, device)
+    mesh = build_mesh(layout, device)
     model_dir = model_dir_of(cfg)
     barrier_kw = dict(local_rank=env.local_rank, barrier=D.barrier)
     tokenizer_file = ensure_tokenizer(cfg, model_dir, out_dir / "cache", **barrier_kw)
     tokenizer = BaichuanTokenizer(tokenizer_file)
     data = prepare_data(cfg, tokenizer, out_dir / "cache", **barrier_kw)
-    model, mcfg, pending = build_model(cfg, tokenizer.vocab_size, model_dir, device, dims)
-    z_loss = cfg.model.z_loss_weight if cfg.model.z_loss_weight is not None else mcfg.z_loss_weight
-    par = parallelize(model, dims=dims, mesh=mesh, cfg=cfg, device=device, z_loss_weight=z_loss)
+    model, mcfg, pending = build_model(cfg, tokenizer.vocab_size, model_dir, device, layout)
+    par = parallelize(model, layout=layout, mesh=mesh, cfg=cfg, device=device, z_loss_weight=mcfg.z_loss_weight,
+                      arch=BAICHUAN)
     # Known before the weights are filled: a resume overwrites every parameter from its checkpoint,
     # so a meta-built model skips reading the pretrained folder (tens of GB for 13B) altogether.
     resume_from = ckpt.find_resume(ckpt_dir, cfg.checkpoint.resume)
     if pending is not None and resume_from is None:  # built on the meta device: the strategy
-        fill_weights(par, pending, mcfg, dims)          # allocated only this rank's part
+        fill_weights(par, pending, mcfg, layout)          # allocated only this rank's part
     held = params_held_per_rank(par)  # proof of the above in the log: ~1/world each under fsdp
     optimizer = build_optimizer(par, cfg, device)
 
@@ -99,21 +98,21 @@ def train(job: JobConfig, env: DistEnv, dims: ParallelDims, device: torch.device
                         "checkpoints of an earlier run; they will be overwritten or pruned")
     n_eval = len(data.eval) if data.eval is not None else 0
     log.message(
-        f"{dims.strategy} on {dims.world_size} rank(s) ({device.type}); model {num_params(mcfg) / 1e6:.2f}M params; "
+        f"{layout.strategy} on {layout.world_size} rank(s) ({device.type}); model {mcfg.num_params / 1e6:.2f}M params; "
         f"{len(data.train)} train / {n_eval} eval examples, {data.skipped} bad rows skipped; "
         f"{micro_per_epoch} micro-batches/epoch x grad_accum {cfg.grad_accum} -> {total_steps} steps"
         + (f"; resumed from {resume_from} at step {step}" if resume_from else "")
     )
     weights = (f"from checkpoint {resume_from.name} (built on the meta device; nothing else read)"
-               if pending is not None and resume_from is not None else describe_weights(cfg, dims, pending))
+               if pending is not None and resume_from is not None else describe_weights(cfg, layout, pending))
     log.message(f"weights: {weights}; parameters held per rank right after building: "
-                f"min {min(held)} max {max(held)} of {num_params(mcfg)} ({max(held) / num_params(mcfg):.1%})")
+                f"min {min(held)} max {max(held)} of {mcfg.num_params} ({max(held) / mcfg.num_params:.1%})")
 
     # ---------------------------------------------------------------- the loop
     collate_kw = {"pad_to": cfg.data.max_length if cfg.data.batching == "pad_to_max" else None,
                   "max_length": cfg.data.max_length}
     peak = gpu_peak_flops(device, job.cluster.gpu.peak_tflops if job.cluster else None)
-    replication = dims.world_size // par.dp_size  # ranks that see the same batch (pipeline stages)
+    replication = layout.world_size // par.dp_size  # ranks that see the same batch (pipeline stages)
     batches_iter = iter(sampler)
     window = _Window()
     t_start = time.perf_counter() - elapsed_before  # elapsed_s continues across resumes
@@ -127,17 +126,15 @@ def train(job: JobConfig, env: DistEnv, dims: ParallelDims, device: torch.device
         batches = [_collate(data.train, idx, collate_kw) for idx in chunk]
 
         # One all-reduce per step: the token counts that normalise the loss, and the stop flag.
-        counts = torch.tensor(
-            [sum(target_tokens(b) for b in batches), sum(int(b["attention_mask"].sum()) for b in batches),
-             sum(b["input_ids"].numel() for b in batches), sum(b["input_ids"].shape[0] for b in batches),
-             float(stop.requested)],
-            dtype=torch.float64,
-        )
-        D.all_reduce_sum(counts)
-        if counts[4] > 0:
+        n_target, n_real, n_padded, n_seqs, stop_votes = D.all_reduce_counts(
+            sum(target_tokens(b) for b in batches), sum(int(b["attention_mask"].sum()) for b in batches),
+            sum(b["input_ids"].numel() for b in batches), sum(b["input_ids"].shape[0] for b in batches),
+            int(stop.requested))
+        if stop_votes > 0:  # any rank asked to stop: all stop at this same step
             stopped = True
             break
-        n_target, n_real, n_padded, n_seqs = (int(c) // replication for c in counts[:4].tolist())
+        # Ranks of one replica (pipeline stages) counted the same batch: once per replica.
+        n_target, n_real, n_padded, n_seqs = (c // replication for c in (n_target, n_real, n_padded, n_seqs))
         loss_scale = par.dp_size / max(n_target, 1)
 
         loss_sum = torch.zeros((), device=device)
@@ -176,8 +173,8 @@ def train(job: JobConfig, env: DistEnv, dims: ParallelDims, device: torch.device
                 "elapsed_s": round(time.perf_counter() - t_start, 3),
             }
             if peak:
-                per_token = flops_per_token(mcfg, max(1, round(padded / max(seqs, 1))))
-                record["mfu"] = per_token * record["tokens_per_s"] / (peak * dims.world_size)
+                per_token = mcfg.flops_per_token(max(1, round(padded / max(seqs, 1))))
+                record["mfu"] = per_token * record["tokens_per_s"] / (peak * layout.world_size)
             log.log(record)
         t_aside = time.perf_counter()  # eval and checkpoint time is kept out of tokens/s
         if n_eval and ((cfg.eval_every and step % cfg.eval_every == 0) or last):

@@ -1,8 +1,11 @@
 """The seam between the training loop and the parallel strategies.
 
-The loop knows only `ParallelDims` (the degrees, validated once) and a `Parallelized` (the model as
-a strategy runs it). A strategy (ddp.py today; fsdp, hsdp, pipeline next) is a `Parallelized`
-subclass with a `build` classmethod, registered by name in `STRATEGIES`.
+The loop knows only the `Layout` (the degrees, validated once) and a `Parallelized` (the model as
+a strategy runs it). A strategy (ddp.py; fsdp.py for fsdp and hsdp; pipeline.py) is a
+`Parallelized` subclass with a `build` classmethod, registered by name in `STRATEGIES`. The
+strategies are model-agnostic: what they need to know about a model's modules (FSDP's units,
+how to cut pipeline stages, the state-dict order) comes in as a `ModelParallelism`, which each
+model provides (train/models/baichuan/parallelize.py).
 
 Contract every strategy keeps, so the loop stays strategy-agnostic:
 
@@ -23,7 +26,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import importlib
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -35,12 +38,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from job.errors import ConfigError
-from job.layout import ParallelDims  # noqa: F401  (re-exported: the loop's and strategies' import)
-from train.models.baichuan.model import IGNORE_INDEX, causal_lm_loss
+from job.baichuan import IGNORE_INDEX
+from job.layout import Layout
+from train.loss import causal_lm_loss
 
 if TYPE_CHECKING:
-    from job.config import JobConfig, TrainConfig
+    from job.config import TrainConfig
 
 # strategy name → "module:Class"; imported lazily so an unused strategy costs nothing.
 STRATEGIES: dict[str, str] = {
@@ -51,21 +54,18 @@ STRATEGIES: dict[str, str] = {
 }
 
 
-def resolve_auto(job: "JobConfig", world_size: int, nproc_per_node: int, has_gpu: bool) -> tuple["JobConfig", str | None]:
-    """`strategy: auto` → the planner's choice for this very world, as `mlaunch run` would write
-    it into the resolved config (which it does before launching: ranks see `auto` only when
-    `python -m train` or torchrun is started by hand). Returns (job, one-line reason or None)."""
-    if job.train.parallel.strategy != "auto":
-        return job, None
-    from job import autoplan
+class ModelParallelism(Protocol):
+    """What the strategies need to know about one model family's modules."""
 
-    nnodes = max(1, world_size // nproc_per_node)
-    # Plan for the world that actually started, not for what the YAML's launch section says.
-    sized = job.model_copy(deep=True)
-    sized.launch.nproc_per_node = nproc_per_node
-    gpus = {i: nproc_per_node if has_gpu else 0 for i in range(nnodes)}
-    resolved, decision = autoplan.resolve_parallel(sized, standalone=nnodes == 1, gpus=gpus)
-    return resolved, f"parallel auto: {resolved.train.parallel.strategy} ({decision.reason})"
+    def fsdp_units(self, model: nn.Module) -> list[tuple[list[nn.Module], bool | None]]:
+        """FSDP's units bottom-up, each with its `reshard_after_forward` (None = the setting)."""
+
+    def pipeline_stages(self, model: nn.Module, pp_rank: int, pp: int,
+                        stages_per_rank: int) -> tuple[list[nn.Module], list[int]]:
+        """This pipeline rank's chunks and their stage indices; `model` keeps only its parts."""
+
+    state_dict_order: Callable[[str], Any]
+    """Sort key that puts published parameter names in the model's own order."""
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -88,7 +88,7 @@ class Parallelized(abc.ABC):
       dp_rank, dp_size   this rank's data-parallel coordinate (for the sampler).
       has_loss  whether this rank computes the loss (all ranks in ddp/fsdp, the last stage in a
                 pipeline); ranks without it return a zero loss sum from `forward_backward`.
-      dims      the ParallelDims it was built for.
+      layout    the Layout it was built for.
     """
 
     modules: list[nn.Module]
@@ -96,7 +96,7 @@ class Parallelized(abc.ABC):
     dp_rank: int
     dp_size: int
     has_loss: bool
-    dims: ParallelDims
+    layout: Layout
     z_loss_weight: float = 0.0
 
     @classmethod
@@ -105,16 +105,17 @@ class Parallelized(abc.ABC):
         cls,
         model: nn.Module,
         *,
-        dims: ParallelDims,
+        layout: Layout,
         mesh: Any,
         cfg: "TrainConfig",
         device: torch.device,
         z_loss_weight: float,
+        arch: ModelParallelism,
     ) -> "Parallelized":
         """Wrap the model for this strategy: a complete fp32 model on `device`, or (fsdp/hsdp,
         pipeline) one on the meta device that the strategy cuts and allocates and
         `train.build.fill_weights` fills afterwards. `mesh` is the DeviceMesh from
-        `mesh.build_mesh(dims, device)` (None when running alone)."""
+        `mesh.build_mesh(layout, device)` (None when running alone)."""
 
     @abc.abstractmethod
     def forward_backward(self, batch: dict[str, torch.Tensor], loss_scale: float, sync: bool) -> tuple[torch.Tensor, int]:
@@ -131,7 +132,7 @@ class Parallelized(abc.ABC):
     def eval_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """Forward only, no gradients: (detached loss sum, real target tokens) of a micro-batch.
         Collective-safe: every rank calls it the same number of times. (A pipeline overrides it.)"""
-        loss_sum, n_tokens = self.micro_batch_loss(self._single_module(), batch)
+        loss_sum, n_tokens = self.micro_batch_loss(self.state_dict_module(), batch)
         return loss_sum.detach(), n_tokens
 
     def micro_batch_loss(self, module: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -171,24 +172,24 @@ class Parallelized(abc.ABC):
             norm = norm.full_tensor()
         return float(norm)
 
-    def _single_module(self) -> nn.Module:
+    def state_dict_module(self) -> nn.Module:
         assert len(self.modules) == 1, "strategies with several chunks override the state-dict methods"
         return self.modules[0]
 
     def model_state_dict(self) -> dict[str, Any]:
         """This rank's view of the model state (sharded tensors stay sharded) for DCP."""
-        return get_model_state_dict(self._single_module())
+        return get_model_state_dict(self.state_dict_module())
 
     def load_model_state_dict(self, state: dict[str, Any]) -> None:
-        set_model_state_dict(self._single_module(), state)
+        set_model_state_dict(self.state_dict_module(), state)
 
     def optim_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Optimizer state keyed by parameter names (not positions), for DCP. On a fresh
         optimizer torch allocates the moments first, so DCP has tensors to load into."""
-        return get_optimizer_state_dict(self._single_module(), optimizer)
+        return get_optimizer_state_dict(self.state_dict_module(), optimizer)
 
     def load_optim_state_dict(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        set_optimizer_state_dict(self._single_module(), optimizer, state)
+        set_optimizer_state_dict(self.state_dict_module(), optimizer, state)
 
     def full_state_dict_for_export(self) -> dict[str, torch.Tensor] | None:
         """Full, unsharded CPU tensors with published names on rank 0; None on the others.
@@ -196,7 +197,7 @@ class Parallelized(abc.ABC):
         from train.distributed import is_rank0
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = get_model_state_dict(self._single_module(), options=options)
+        state = get_model_state_dict(self.state_dict_module(), options=options)
         return state if is_rank0() else None
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -213,24 +214,17 @@ class Parallelized(abc.ABC):
 def parallelize(
     model: nn.Module,
     *,
-    dims: ParallelDims,
+    layout: Layout,
     mesh: Any,
     cfg: "TrainConfig",
     device: torch.device,
     z_loss_weight: float,
+    arch: ModelParallelism,
 ) -> Parallelized:
-    """Apply the strategy named by `dims.strategy` to a full model."""
-    target = STRATEGIES[dims.strategy]
-    module_name, cls_name = target.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name != module_name:
-            raise
-        raise ConfigError(
-            f"train.parallel.strategy `{dims.strategy}` is not available in this version; use `ddp`"
-        ) from None
-    cls: type[Parallelized] = getattr(module, cls_name)
-    par = cls.build(model, dims=dims, mesh=mesh, cfg=cfg, device=device, z_loss_weight=z_loss_weight)
+    """Apply the strategy the layout derives (`layout.strategy`) to the model; `arch` says how
+    that model's modules are sharded and cut."""
+    module_name, cls_name = STRATEGIES[layout.strategy].split(":")
+    cls: type[Parallelized] = getattr(importlib.import_module(module_name), cls_name)
+    par = cls.build(model, layout=layout, mesh=mesh, cfg=cfg, device=device, z_loss_weight=z_loss_weight, arch=arch)
     par.mixed_precision = cfg.parallel.mixed_precision
     return par

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from train.parallel.base import ParallelDims, Parallelized
+from job.layout import Layout
+from train.parallel.base import ModelParallelism, Parallelized
 from train.parallel.mesh import dp_group
 
 if TYPE_CHECKING:
@@ -31,27 +32,27 @@ class DDPParallel(Parallelized):
     """One replica per rank. With world size 1 the model is not wrapped at all (DDP would only
     add hooks and a bucket copy)."""
 
-    def __init__(self, model: nn.Module, wrapped: nn.Module, *, dims: ParallelDims, device: torch.device,
+    def __init__(self, model: nn.Module, wrapped: nn.Module, *, layout: Layout, device: torch.device,
                  dp_rank: int, z_loss_weight: float) -> None:
         self.model = model  # the bare module: eval forward and state dicts
         self.wrapped = wrapped  # what training calls (DDP, or the bare model alone)
         self.modules = [wrapped]
-        self.dims = dims
+        self.layout = layout
         self.device = device
         self.dp_rank = dp_rank
-        self.dp_size = dims.dp
+        self.dp_size = layout.dp
         self.has_loss = True
         self.z_loss_weight = z_loss_weight
 
     @classmethod
-    def build(cls, model: nn.Module, *, dims: ParallelDims, mesh: Any, cfg: "TrainConfig",
-              device: torch.device, z_loss_weight: float) -> "DDPParallel":
-        assert dims.strategy == "ddp" and dims.pp == 1, dims
-        if dims.world_size == 1:
-            return cls(model, model, dims=dims, device=device, dp_rank=0, z_loss_weight=z_loss_weight)
+    def build(cls, model: nn.Module, *, layout: Layout, mesh: Any, cfg: "TrainConfig",
+              device: torch.device, z_loss_weight: float, arch: ModelParallelism) -> "DDPParallel":
+        assert layout.strategy == "ddp" and layout.pp == 1, layout
+        if layout.world_size == 1:
+            return cls(model, model, layout=layout, device=device, dp_rank=0, z_loss_weight=z_loss_weight)
         group = dp_group(mesh)
         wrapped = apply_ddp(model, group=group, device=device)
-        return cls(model, wrapped, dims=dims, device=device, dp_rank=mesh.get_local_rank("dp"),
+        return cls(model, wrapped, layout=layout, device=device, dp_rank=mesh.get_local_rank("dp"),
                    z_loss_weight=z_loss_weight)
 
     def forward_backward(self, batch: dict[str, torch.Tensor], loss_scale: float, sync: bool) -> tuple[torch.Tensor, int]:
@@ -62,5 +63,5 @@ class DDPParallel(Parallelized):
         return loss_sum.detach(), n_tokens
 
     # State dicts from the bare module: same published names with or without the DDP wrapper.
-    def _single_module(self) -> nn.Module:
+    def state_dict_module(self) -> nn.Module:
         return self.model

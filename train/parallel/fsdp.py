@@ -1,17 +1,14 @@
 """Fully sharded data parallel (FSDP2 `fully_shard`), and HSDP on a 2-D mesh.
 
 Every rank holds 1/shard of each parameter, of its gradient and of the AdamW moments (ZeRO-3).
-Units, each all-gathered in one collective before use and freed after: every decoder layer, the
-embedding, and the final norm together with the head (they are always used back to back, and the
-norm alone is too small to deserve its own collective). The root unit owns nothing left over but
-drives the prefetching and the end-of-backward synchronisation.
+The units, each all-gathered in one collective before use and freed after, are the model's own
+(`ModelParallelism.fsdp_units`: for Baichuan every decoder layer, the embedding, and the final
+norm together with the head). The root unit owns nothing left over but drives the prefetching and
+the end-of-backward synchronisation.
 
 HSDP is the same call on the ("dp_replicate", "dp_shard") mesh: `fully_shard` shards over the
 second dimension (the GPUs of a node, fast links) and replicates over the first (across nodes),
 so the slow inter-node links carry one all-reduce of a 1/shard gradient slice per step.
-
-The units are exactly the planner's (`job.planner._fsdp_units`), so its prediction of the
-gathered parameters' memory matches what runs.
 
 `python -m train` hands over a model built on the meta device (`train.build.build_model`): it is
 sharded first and only then given storage (`materialize`), so a rank allocates its shards and never
@@ -29,7 +26,8 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-from train.parallel.base import ParallelDims, Parallelized
+from job.layout import Layout
+from train.parallel.base import ModelParallelism, Parallelized
 
 if TYPE_CHECKING:
     from job.config import TrainConfig
@@ -60,25 +58,18 @@ def offload_policy(device: torch.device, cpu_offload: bool) -> OffloadPolicy:
     return CPUOffloadPolicy(pin_memory=True)
 
 
-def apply_fsdp(model: nn.Module, mesh, *, reshard_after_forward: bool, mp_policy: MixedPrecisionPolicy | None,
+def apply_fsdp(model: nn.Module, mesh, *, units: list[tuple[list[nn.Module], bool | None]],
+               reshard_after_forward: bool, mp_policy: MixedPrecisionPolicy | None,
                offload: OffloadPolicy) -> nn.Module:
-    """Shard a Baichuan model (or a pipeline chunk of one: any of `embed_tokens`, `norm`, `lm_head`
-    may be None and `layers` may hold a subset) over `mesh`, bottom-up: each decoder layer, the
-    embedding, norm + head as one unit, then the root. A 1-D mesh gives FSDP, a 2-D mesh
-    (replicate, shard) gives HSDP. Returns `model`, now an FSDPModule (sharded in place)."""
+    """Shard `model` over `mesh`, bottom-up: each of `units` (modules sharded together, with their
+    own `reshard_after_forward` or None for the setting), then the root. A 1-D mesh gives FSDP, a
+    2-D mesh (replicate, shard) gives HSDP. Returns `model`, now an FSDPModule (sharded in place)."""
     kw: dict[str, Any] = {"mesh": mesh, "offload_policy": offload}
     if mp_policy is not None:
         kw["mp_policy"] = mp_policy
-    inner = model.model
-    if inner.embed_tokens is not None:
-        fully_shard(inner.embed_tokens, reshard_after_forward=reshard_after_forward, **kw)
-    for layer in inner.layers.values():
-        fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
-    tail = [m for m in (inner.norm, model.lm_head) if m is not None]
-    if tail:
-        # Backward starts with the head: resharding it after forward would only make the first
-        # backward op wait for an all-gather of the largest unit.
-        fully_shard(tail, reshard_after_forward=False, **kw)
+    for modules, reshard in units:
+        target = modules[0] if len(modules) == 1 else modules
+        fully_shard(target, reshard_after_forward=reshard_after_forward if reshard is None else reshard, **kw)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
     return model
 
@@ -101,36 +92,37 @@ class FSDPParallel(Parallelized):
     """`fsdp` over the ("dp",) mesh, `hsdp` over ("dp_replicate", "dp_shard"). With world size 1
     (no process group) the model runs unwrapped: there is nothing to shard across."""
 
-    def __init__(self, model: nn.Module, *, dims: ParallelDims, device: torch.device, dp_rank: int,
+    def __init__(self, model: nn.Module, *, layout: Layout, device: torch.device, dp_rank: int,
                  z_loss_weight: float, mp_policy: MixedPrecisionPolicy | None) -> None:
         self.model = model
         self.modules = [model]
-        self.dims = dims
+        self.layout = layout
         self.device = device
         self.dp_rank = dp_rank
-        self.dp_size = dims.dp
+        self.dp_size = layout.dp
         self.has_loss = True
         self.z_loss_weight = z_loss_weight
         self.mp_policy = mp_policy
 
     @classmethod
-    def build(cls, model: nn.Module, *, dims: ParallelDims, mesh: Any, cfg: "TrainConfig",
-              device: torch.device, z_loss_weight: float) -> "FSDPParallel":
-        assert dims.strategy in ("fsdp", "hsdp") and dims.pp == 1, dims
+    def build(cls, model: nn.Module, *, layout: Layout, mesh: Any, cfg: "TrainConfig",
+              device: torch.device, z_loss_weight: float, arch: ModelParallelism) -> "FSDPParallel":
+        assert layout.strategy in ("fsdp", "hsdp") and layout.pp == 1, layout
         pcfg = cfg.parallel
         if mesh is None:
-            assert dims.world_size == 1, dims
-            return cls(model, dims=dims, device=device, dp_rank=0, z_loss_weight=z_loss_weight, mp_policy=None)
+            assert layout.world_size == 1, layout
+            return cls(model, layout=layout, device=device, dp_rank=0, z_loss_weight=z_loss_weight, mp_policy=None)
         mp = mixed_precision_policy(device, pcfg.mixed_precision)
         offload = offload_policy(device, pcfg.cpu_offload)
-        apply_fsdp(model, mesh, reshard_after_forward=pcfg.reshard_after_forward, mp_policy=mp, offload=offload)
+        apply_fsdp(model, mesh, units=arch.fsdp_units(model), reshard_after_forward=pcfg.reshard_after_forward,
+                   mp_policy=mp, offload=offload)
         materialize(model, device, offload)
-        if dims.strategy == "hsdp":
+        if layout.strategy == "hsdp":
             # Replicas outermost: rank (r, s) reads data slice r·shard + s, every rank its own.
-            dp_rank = mesh.get_local_rank("dp_replicate") * dims.dp_shard_in_node + mesh.get_local_rank("dp_shard")
+            dp_rank = mesh.get_local_rank("dp_replicate") * layout.dp_shard + mesh.get_local_rank("dp_shard")
         else:
             dp_rank = mesh.get_local_rank("dp")
-        return cls(model, dims=dims, device=device, dp_rank=dp_rank, z_loss_weight=z_loss_weight, mp_policy=mp)
+        return cls(model, layout=layout, device=device, dp_rank=dp_rank, z_loss_weight=z_loss_weight, mp_policy=mp)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         # The mixed-precision policy already runs the layers in bf16; autocast on top would only

@@ -1,9 +1,9 @@
 """Pipeline parallel (torch.distributed.pipelining), optionally × data parallel inside each stage.
 
 Layout. The ("pp", "dp") mesh: `pp` ranks hold consecutive parts of the model, and each part is
-replicated (DDP) or sharded (FSDP, `parallel.dp_shard`) over the `dp` ranks of its stage. The
-layers are cut by `job.planner.split_layers` (parameters + FLOPs balanced, embedding on the
-first stage, norm + head on the last), the very function the planner predicts with. With
+replicated (DDP, `Layout.dp_replicate`) or sharded (FSDP, `Layout.dp_shard`; `parallel.stage_dp`)
+over the `dp` ranks of its stage. The model cuts itself (`ModelParallelism.pipeline_stages`; for
+Baichuan by `job.planner.split_layers`, the very function the planner predicts with). With
 `interleaved_1f1b` each rank holds `stages_per_rank` virtual stages: the model is cut into
 pp × stages_per_rank parts and part k lives on rank k mod pp (the placement the schedule expects).
 
@@ -52,10 +52,11 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.distributed.tensor import DTensor
 
+from job.baichuan import IGNORE_INDEX, PAD_ID
 from job.errors import ConfigError
-from job.planner import ModelDims, split_layers
-from train.models.baichuan.model import IGNORE_INDEX, PAD_ID, BaichuanConfig, BaichuanForCausalLM, causal_lm_loss
-from train.parallel.base import ParallelDims, Parallelized, target_tokens, to_device
+from job.layout import Layout
+from train.loss import causal_lm_loss
+from train.parallel.base import ModelParallelism, Parallelized, target_tokens, to_device
 from train.parallel.ddp import apply_ddp
 from train.parallel.fsdp import apply_fsdp, materialize, mixed_precision_policy, offload_policy
 
@@ -65,13 +66,7 @@ if TYPE_CHECKING:
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
 
 
-# ------------------------------------------------------------------------------ cutting the model
-def model_dims(cfg: BaichuanConfig) -> ModelDims:
-    """The planner's view of a model config (the split must be the planner's own)."""
-    return ModelDims(n_layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, ffn=cfg.intermediate_size,
-                     heads=cfg.num_attention_heads, vocab=cfg.vocab_size, position=cfg.position)
-
-
+# ------------------------------------------------------------------------------ the schedule
 def stages_per_rank(pcfg: "ParallelConfig") -> int:
     """Virtual stages per rank: `stages_per_rank` for the interleaved schedule, else 1."""
     return pcfg.stages_per_rank if pcfg.schedule == "interleaved_1f1b" else 1
@@ -99,53 +94,6 @@ def check_pipeline(pcfg: "ParallelConfig", pp: int, n_layers: int) -> None:
                 f"train.parallel.microbatches={m}: interleaved_1f1b needs a multiple of max(1, microbatches // pp)="
                 f"{rounds}; use a multiple of pp={pp}"
             )
-
-
-class PipelineChunk(nn.Module):
-    """One (virtual) stage: the embedding, a run of decoder layers and/or norm + head of a Baichuan
-    model, under the published attribute names (`model.layers.7...`), so its parameter names are
-    the hub's. It shares its submodules with the model it was cut from."""
-
-    def __init__(self, full: BaichuanForCausalLM, layers: range, *, first: bool, last: bool) -> None:
-        super().__init__()
-        self.config = full.config
-        self.model = nn.Module()
-        self.model.embed_tokens = full.model.embed_tokens if first else None
-        self.model.layers = nn.ModuleDict({str(i): full.model.layers[str(i)] for i in layers})
-        self.model.norm = full.model.norm if last else None
-        self.lm_head = full.lm_head if last else None
-        self.is_last = last
-
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        # The model's own forward: it skips the parts set to None.
-        out = BaichuanForCausalLM.forward(self, x, attention_mask)  # type: ignore[arg-type]
-        # Hidden states leave in fp32 so the static p2p shapes do not depend on the compute dtype.
-        return out if self.is_last else out.float()
-
-
-def build_pipeline_stages(model: BaichuanForCausalLM, pp_rank: int, pp: int, stages_per_rank: int,
-                          split: list[range]) -> tuple[list[PipelineChunk], list[int]]:
-    """Cut `model` for pipeline rank `pp_rank`: `split` holds the layer range of each of the
-    pp × stages_per_rank stages; stage k lives on rank k mod pp. Returns this rank's chunks and
-    their stage indices, in stage order.
-
-    `model` itself keeps only this rank's parts: the other layers are deleted from
-    `model.model.layers` (the remaining keys keep their published indices, so checkpoint keys
-    never change) and the embedding / norm / head are set to None where another rank holds them.
-    It is the state-dict view of this rank; the chunks share its submodules."""
-    n_stages = pp * stages_per_rank
-    assert len(split) == n_stages and all(len(r) for r in split), (split, n_stages)
-    mine = [k for k in range(n_stages) if k % pp == pp_rank]
-    chunks = [PipelineChunk(model, split[k], first=k == 0, last=k == n_stages - 1) for k in mine]
-    keep = {str(i) for k in mine for i in split[k]}
-    for key in [k for k in model.model.layers.keys() if k not in keep]:
-        del model.model.layers[key]
-    if 0 not in mine:
-        model.model.embed_tokens = None
-    if n_stages - 1 not in mine:
-        model.model.norm = None
-        model.lm_head = None
-    return chunks, mine
 
 
 # ------------------------------------------------------------------------------ fixed shapes
@@ -186,68 +134,66 @@ class _Shape:
 
 # ------------------------------------------------------------------------------ the strategy
 class PipelineParallel(Parallelized):
-    def __init__(self, model: BaichuanForCausalLM, chunks: list[PipelineChunk], wrapped: list[nn.Module], *,
-                 stage_ids: list[int], n_stages: int, dims: ParallelDims, mesh: Any, cfg: "TrainConfig",
-                 device: torch.device, z_loss_weight: float, mp_policy: Any) -> None:
+    def __init__(self, model: nn.Module, chunks: list[nn.Module], wrapped: list[nn.Module], *,
+                 stage_ids: list[int], n_stages: int, layout: Layout, mesh: Any, cfg: "TrainConfig",
+                 device: torch.device, z_loss_weight: float, mp_policy: Any, arch: ModelParallelism) -> None:
         self.model = model  # this rank's parts under published names: state dicts
         self.chunks = chunks  # bare stage modules: eval forward
         self.modules = wrapped  # what the schedules run (DDP / FSDP / bare)
         self.stage_ids = stage_ids
         self.n_stages = n_stages
-        self.dims = dims
+        self.layout = layout
         self.mesh = mesh
         self.device = device
         self.pp_group = mesh["pp"].get_group()
         self.pp_rank = mesh["pp"].get_local_rank()
         self.dp_rank = mesh["dp"].get_local_rank()
-        self.dp_size = dims.dp
+        self.dp_size = layout.dp
         self.has_first = 0 in stage_ids
         self.has_loss = n_stages - 1 in stage_ids
         self.z_loss_weight = z_loss_weight
         self.mp_policy = mp_policy
-        self.fsdp = cfg.parallel.dp_shard and dims.dp > 1
+        self.fsdp = layout.stage_dp == "fsdp"
         self.schedule_name = cfg.parallel.schedule
-        self.n_micro = num_microbatches(cfg.parallel, dims.pp)
+        self.n_micro = num_microbatches(cfg.parallel, layout.pp)
         self.max_length = cfg.data.max_length
-        self.config: BaichuanConfig = model.config
+        self.config = model.config  # hidden_size sizes the stages' p2p buffers
+        self.arch = arch
         self._shapes: dict[tuple[int, int], _Shape] = {}
         self._loss_scale = 1.0
 
     @classmethod
-    def build(cls, model: nn.Module, *, dims: ParallelDims, mesh: Any, cfg: "TrainConfig",
-              device: torch.device, z_loss_weight: float) -> "PipelineParallel":
-        assert dims.strategy == "pipeline" and dims.pp >= 2 and mesh is not None, dims
+    def build(cls, model: nn.Module, *, layout: Layout, mesh: Any, cfg: "TrainConfig",
+              device: torch.device, z_loss_weight: float, arch: ModelParallelism) -> "PipelineParallel":
+        assert layout.strategy == "pipeline" and layout.pp >= 2 and mesh is not None, layout
         pcfg = cfg.parallel
-        mcfg: BaichuanConfig = model.config
-        check_pipeline(pcfg, dims.pp, mcfg.num_hidden_layers)
+        check_pipeline(pcfg, layout.pp, model.config.num_hidden_layers)
         v = stages_per_rank(pcfg)
-        split = split_layers(model_dims(mcfg), dims.pp * v)
-        chunks, stage_ids = build_pipeline_stages(model, mesh["pp"].get_local_rank(), dims.pp, v, split)
+        chunks, stage_ids = arch.pipeline_stages(model, mesh["pp"].get_local_rank(), layout.pp, v)
         # A meta-device model (train.build.build_model) gets storage only now, for this rank's stages
         # alone (the others' layers were just deleted): sharded first where the stage is FSDP.
         mp = None
-        shard = dims.dp > 1 and pcfg.dp_shard
-        if not shard:
+        if layout.stage_dp != "fsdp":
             materialize(model, device)
-        if dims.dp == 1:
-            if pcfg.dp_shard and dist.get_rank() == 0:
-                warnings.warn("train.parallel.dp_shard has no effect: every pipeline stage has a single data-parallel "
-                              "rank (world size == pp)", stacklevel=2)
+        if layout.dp == 1:
+            if pcfg.stage_dp == "fsdp" and dist.get_rank() == 0:
+                warnings.warn("train.parallel.stage_dp fsdp has no effect: every pipeline stage has a single "
+                              "data-parallel rank (world size == pp)", stacklevel=2)
             wrapped: list[nn.Module] = list(chunks)
-        elif pcfg.dp_shard:
+        elif layout.stage_dp == "fsdp":
             mp = mixed_precision_policy(device, pcfg.mixed_precision)
             # The schedule keeps the stage gathered across a step's micro-batches (it turns
             # resharding after backward off until the step ends); resharding after each forward
             # would only add an all-gather per micro-batch.
             offload = offload_policy(device, pcfg.cpu_offload)
-            wrapped = [apply_fsdp(c, mesh["dp"], reshard_after_forward=False, mp_policy=mp, offload=offload)
-                       for c in chunks]
+            wrapped = [apply_fsdp(c, mesh["dp"], units=arch.fsdp_units(c), reshard_after_forward=False, mp_policy=mp,
+                                  offload=offload) for c in chunks]
             for c in wrapped:
                 materialize(c, device, offload)
         else:
             wrapped = [apply_ddp(c, group=mesh["dp"].get_group(), device=device) for c in chunks]
-        return cls(model, chunks, wrapped, stage_ids=stage_ids, n_stages=dims.pp * v, dims=dims, mesh=mesh,
-                   cfg=cfg, device=device, z_loss_weight=z_loss_weight, mp_policy=mp)
+        return cls(model, chunks, wrapped, stage_ids=stage_ids, n_stages=layout.pp * v, layout=layout, mesh=mesh,
+                   cfg=cfg, device=device, z_loss_weight=z_loss_weight, mp_policy=mp, arch=arch)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.mp_policy is not None:  # FSDP's policy already computes in bf16
@@ -338,7 +284,7 @@ class PipelineParallel(Parallelized):
         # Bare chunks: DDP's hooks have nothing to do without gradients (an FSDP chunk is the
         # sharded module itself and gathers its parameters as usual).
         mine = dict(zip(self.stage_ids, self.chunks))
-        pp = self.dims.pp
+        pp = self.layout.pp
         with self.autocast():
             for k in range(self.n_stages):
                 if k not in mine:
@@ -377,7 +323,7 @@ class PipelineParallel(Parallelized):
     # `self.model` holds exactly this rank's parameters under published names: the base class's
     # DCP helpers save and load them as they are (identical names under every strategy, so a
     # pipeline checkpoint loads into ddp/fsdp and back).
-    def _single_module(self) -> nn.Module:
+    def state_dict_module(self) -> nn.Module:
         return self.model
 
     def full_state_dict_for_export(self) -> dict[str, torch.Tensor] | None:
@@ -396,7 +342,7 @@ class PipelineParallel(Parallelized):
         ranks = self.mesh.mesh  # [pp, dp] global ranks
         if rank == 0:
             full = dict(local)
-            for r in range(1, self.dims.pp):
+            for r in range(1, self.layout.pp):
                 src = int(ranks[r, 0])
                 box: list[Any] = [None]
                 dist.recv_object_list(box, src=src, device=torch.device("cpu"))
@@ -404,20 +350,10 @@ class PipelineParallel(Parallelized):
                     t = torch.empty(shape, dtype=dtype)
                     dist.recv(t, src=src)
                     full[name] = t
-            return dict(sorted(full.items(), key=lambda kv: _hub_order(kv[0])))
+            return dict(sorted(full.items(), key=lambda kv: self.arch.state_dict_order(kv[0])))
         if self.dp_rank == 0:
             meta = [(name, tuple(t.shape), t.dtype) for name, t in local.items()]
             dist.send_object_list([meta], dst=0, device=torch.device("cpu"))
             for t in local.values():
                 dist.send(t.contiguous(), dst=0)
         return None
-
-
-def _hub_order(name: str) -> tuple[int, int]:
-    """Embedding, layers by index, then norm and head: the model's own state-dict order (the sort
-    is stable, so the names inside a layer keep the module's order)."""
-    if name.startswith("model.embed_tokens"):
-        return (0, 0)
-    if name.startswith("model.layers."):
-        return (1, int(name.split(".")[2]))
-    return (2, 0)

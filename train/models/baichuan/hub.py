@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Container, Iterator, Mapping
 from pathlib import Path
 from typing import Literal
@@ -20,7 +19,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from train.models.baichuan.model import BaichuanConfig, BaichuanForCausalLM, Position
+from job.baichuan import BaichuanConfig, Position, read_config_json
+from job.files import publish_dir
+from train.models.baichuan.model import BaichuanForCausalLM
 
 HUB_ALLOW_PATTERNS = ["config.json", "*.bin", "*.safetensors", "*.index.json", "tokenizer.model"]
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
@@ -61,16 +62,6 @@ def resolve_checkpoint_dir(name_or_path: str | os.PathLike[str]) -> Path:
             f"{text} is not a local directory and could not be fetched from the Hugging Face "
             f"hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})"
         ) from e
-
-
-def read_config(ckpt_dir: str | os.PathLike[str]) -> dict:
-    path = Path(ckpt_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no config.json in checkpoint directory {ckpt_dir}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
 # --------------------------------------------------------------------------------------
@@ -182,7 +173,7 @@ def load_pretrained(
 ) -> tuple[BaichuanForCausalLM, BaichuanConfig]:
     """Build the model described by ``config.json`` and load its published weights."""
     path = resolve_checkpoint_dir(ckpt_dir)
-    cfg = BaichuanConfig.from_hf_dict(read_config(path), position=position, norm_head=norm_head)
+    cfg = BaichuanConfig.from_hf_dict(read_config_json(path), position=position, norm_head=norm_head)
     model = build_empty_model(cfg, dtype=dtype, device=device)
     load_weights_into(model, path)
     return model, cfg
@@ -378,45 +369,21 @@ def _plan_shards(
     return shards
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _publish_dir(tmp: Path, out: Path) -> None:
-    """Swap a finished temporary directory into place; a crash before this leaves the old
-    export (if any) untouched and only a hidden temp dir behind."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _write_atomically(out_dir: Path, write: Callable[[Path], None]) -> Path:
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    """`write(tmp)` fills a fresh folder, which then replaces `out_dir` (an old export) in one
+    step: a crash before the swap leaves the old export untouched and only a hidden temp dir."""
+
+    def write_for_the_team(tmp: Path) -> None:
         write(tmp)
-        # mkdtemp makes the folder 0700 (and safetensors its files 0600): an export is for the
-        # team, so it gets the modes a plain mkdir/open would (the user's umask).
+        # safetensors makes its files 0600: an export is for the team, so they get the modes a
+        # plain open would (the user's umask), as the folder does.
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
         for f in tmp.iterdir():
             os.chmod(f, 0o666 & ~umask)
-            _fsync(f)
-        _publish_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+
+    publish_dir(out_dir, write_for_the_team, replace_existing=True, fsync=True)
+    return Path(out_dir)
 
 
 def _cpu_contiguous(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
