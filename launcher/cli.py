@@ -36,13 +36,16 @@ def run(
 ) -> None:
     """Launch the job: torchrun on every node (or here with --standalone), logs streamed, clean teardown."""
     from job.config import load_config
-    from launcher import run as runner
 
     cfg = load_config(config, set_ or [])
     if standalone or cfg.cluster is None:
-        code = runner.run_standalone(cfg)
+        from launcher.run import run_standalone
+
+        code = run_standalone(cfg)
     else:
-        code = runner.run_cluster(cfg)
+        from launcher.cluster_run import run_on_cluster
+
+        code = run_on_cluster(cfg)
     raise typer.Exit(code)
 
 
@@ -55,7 +58,7 @@ def plan(
 ) -> None:
     """Show exactly what would run on every node, and why. Runs nothing, touches no network."""
     from job.config import load_config
-    from launcher.run import build_plan
+    from launcher.planning import build_plan
 
     cfg = load_config(config, set_ or [])
     the_plan, decision = build_plan(cfg, standalone=standalone, probe=False)

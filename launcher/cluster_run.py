@@ -23,9 +23,12 @@ from typing import Any
 
 from job.config import JobConfig, to_yaml
 from job.errors import MlaunchError
-from launcher.shell import python_command, quote_path
+from job.markers import STARTED, is_marker
+from launcher.console import say
 from launcher.plan import NodePlan, Plan
-from launcher.run import _Stop, _say, build_plan, write_resolved_config
+from launcher.planning import build_plan, write_resolved_config
+from launcher.shell import python_command
+from launcher.stopping import Stop
 
 #: Other nodes are stopped within this many seconds of a node's failure (the issue's promise).
 STOP_DEADLINE_S = 15.0
@@ -128,6 +131,7 @@ class NodeJob:
     tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=TAIL_LINES))
     exit_code: int | None = None
     dropped: bool = False
+    started: bool = False  # its output carried job/markers.py's STARTED: the rendezvous is complete
     reader: threading.Thread | None = None
     last_output: float = field(default_factory=time.monotonic)
 
@@ -146,13 +150,12 @@ def run_on_cluster(cfg: JobConfig) -> int:
             found = probe_gpus(conns)
             gpus = {i: found[n] for i, n in enumerate(names)}
         the_plan, _ = build_plan(cfg, standalone=False, probe=False, addrs=addrs, gpus=gpus)
-        assert the_plan.resolved is not None
         out = Path(cfg.train.output_dir)
         (out / "logs").mkdir(parents=True, exist_ok=True)
         write_resolved_config(the_plan.resolved, Path(the_plan.config_path))
         _prepare_nodes(cfg, the_plan, conns)
-        _say(f"run {the_plan.run_id}: {len(the_plan.nodes)} node(s), world size {the_plan.world_size}, "
-             f"strategy {the_plan.parallel.get('strategy')}, rendezvous {the_plan.rendezvous.endpoint if the_plan.rendezvous else '-'}")
+        say(f"run {the_plan.run_id}: {len(the_plan.nodes)} node(s), world size {the_plan.world_size}, "
+            f"strategy {the_plan.parallel.get('strategy')}, rendezvous {the_plan.rendezvous.endpoint if the_plan.rendezvous else '-'}")
         for node in the_plan.nodes:
             jobs[node.name] = NodeJob(node, conns[node.name], targets[node.name])
         return _execute(cfg, the_plan, jobs)
@@ -166,14 +169,14 @@ def _prepare_nodes(cfg: JobConfig, the_plan: Plan, conns: dict[str, Any]) -> Non
     cluster = cfg.cluster
     assert cluster is not None and the_plan.rendezvous is not None
     project = Path.cwd()
-    config_text = to_yaml(the_plan.resolved)  # type: ignore[arg-type]
+    config_text = to_yaml(the_plan.resolved)
 
     def prepare(node: NodePlan) -> None:
         conn = conns[node.name]
         if cluster.sync:
             excludes = [cfg.train.output_dir, "runs", *cluster.sync_exclude]
             stats = conn.put_tree(project, node.workdir, exclude_globs=excludes)
-            _say(f"{node.name}: synced {stats}")
+            say(f"{node.name}: synced {stats}")
         _put_text(conn, node.workdir, the_plan.config_path, config_text)
 
     with ThreadPoolExecutor(max_workers=min(cluster.ssh.max_parallel, len(the_plan.nodes))) as pool:
@@ -186,7 +189,7 @@ def _prepare_nodes(cfg: JobConfig, the_plan: Plan, conns: dict[str, Any]) -> Non
 
     master = the_plan.nodes[0]
     if the_plan.rendezvous.master_addr == master.addr:
-        reason = check_port_free(conns[master.name], master.argv[0], master.addr, the_plan.rendezvous.port)
+        reason = check_port_free(conns[master.name], master.python, master.addr, the_plan.rendezvous.port)
         if reason:
             raise MlaunchError(f"rendezvous port {the_plan.rendezvous.port} on {master.name} ({master.addr}) is not free: "
                                f"{reason}; stop what holds it or set launch.rdzv.port")
@@ -194,23 +197,7 @@ def _prepare_nodes(cfg: JobConfig, the_plan: Plan, conns: dict[str, Any]) -> Non
 
 def _put_text(conn: Any, workdir: str, relpath: str, text: str) -> None:
     """Write a file under the node's workdir atomically (tmp + rename): a rank never reads half a config."""
-    dest = relpath if relpath.startswith("/") else f"{workdir.rstrip('/')}/{relpath}"
-    parent = dest.rsplit("/", 1)[0]
-    quoted = quote_path(dest)
-    cmd = (f"mkdir -p {quote_path(parent)} && cat > {quoted}.tmp$$ && mv -f {quoted}.tmp$$ {quoted}")
-    chan = conn.transport.open_session(timeout=30)
-    try:
-        chan.settimeout(60)  # every operation has a deadline
-        chan.exec_command(cmd)
-        chan.sendall(text.encode())
-        chan.shutdown_write()
-        if not chan.status_event.wait(60):
-            raise MlaunchError(f"node {conn.label}: writing {dest} did not finish within 60s; check the node and its disk")
-        code = chan.recv_exit_status()
-    finally:
-        chan.close()
-    if code != 0:
-        raise MlaunchError(f"node {conn.label}: cannot write {dest} (exit {code}); check that cluster.workdir is writable")
+    conn.put_text(relpath if relpath.startswith("/") else f"{workdir.rstrip('/')}/{relpath}", text, timeout=60)
 
 
 def _execute(cfg: JobConfig, the_plan: Plan, jobs: dict[str, NodeJob]) -> int:
@@ -222,7 +209,7 @@ def _execute(cfg: JobConfig, the_plan: Plan, jobs: dict[str, NodeJob]) -> int:
     quiet = threading.Event()  # set once we stop the run: shutdown noise goes to the logs only
     grace = cfg.launch.grace_period_s
 
-    with _Stop() as stop:
+    with Stop() as stop:
         for name, job in jobs.items():
             job.log = open(out / "logs" / f"{_safe(name)}.log", "a", encoding="utf-8")
             job.proc = job.conn.start(job.plan.command(), pty=True)
@@ -251,30 +238,30 @@ def _execute(cfg: JobConfig, the_plan: Plan, jobs: dict[str, NodeJob]) -> int:
             watch.check()
 
         if stop.signum is not None:
-            _say(f"stopping run {the_plan.run_id} on every node (signal {stop.signum})")
+            say(f"stopping run {the_plan.run_id} on every node (signal {stop.signum})")
             quiet.set()
             _stop_all(the_plan, jobs, grace)
-            _say(f"stopped on all {len(jobs)} node(s); shutdown output is in {out / 'logs'}/")
+            say(f"stopped on all {len(jobs)} node(s); shutdown output is in {out / 'logs'}/")
             return stop.exit_code
         if failed is not None:
             why = ("lost its SSH connection" if failed.dropped else "was killed by a signal"
                    if failed.exit_code == -1 else f"exited with code {failed.exit_code}")
-            _say(f"node {failed.plan.name} {why}; stopping the other nodes")
+            say(f"node {failed.plan.name} {why}; stopping the other nodes")
             quiet.set()
             t0 = time.monotonic()
             _stop_all(the_plan, jobs, min(grace, STOP_DEADLINE_S - 3))
-            _say(f"all nodes stopped in {time.monotonic() - t0:.1f}s")
+            say(f"all nodes stopped in {time.monotonic() - t0:.1f}s")
             tail = "\n".join(f"    {line}" for line in failed.tail)
-            print(f"[mlaunch] last lines of {failed.plan.name}:\n{tail}", file=sys.stderr, flush=True)
+            say(f"last lines of {failed.plan.name}:\n{tail}")
             code = failed.exit_code if (failed.exit_code not in (None, 0, -1) and not failed.dropped) else 255
-            _say(f"run failed on node {failed.plan.name} ({why}); logs: {out / 'logs'}")
+            say(f"run failed on node {failed.plan.name} ({why}); logs: {out / 'logs'}")
             return code
         for job in jobs.values():
             if job.reader:
                 job.reader.join(timeout=5)
             job.log.close()
         _verify_clean(the_plan, jobs)
-        _say(f"run {the_plan.run_id} finished on all {len(jobs)} node(s); outputs in {out}/")
+        say(f"run {the_plan.run_id} finished on all {len(jobs)} node(s); outputs in {out}/")
         return 0
 
 
@@ -294,16 +281,16 @@ class _Silence:
         if now - last < self.after or now - self.reported < self.after:
             return
         self.reported = now
-        started = any("rank(s)" in line for j in self.jobs.values() for line in j.tail)
+        started = any(j.started for j in self.jobs.values())
         if not started and self.plan.rendezvous is not None:
             r = self.plan.rendezvous
-            _say(f"no output from any node for {now - last:.0f}s: still waiting for all {r.nnodes} node(s) to join the "
-                 f"rendezvous at {r.endpoint} (gives up after launch.rdzv.join_timeout_s="
-                 f"{self.cfg.launch.rdzv.join_timeout_s}s); `mlaunch nodes check` tests that every node reaches it")
+            say(f"no output from any node for {now - last:.0f}s: still waiting for all {r.nnodes} node(s) to join the "
+                f"rendezvous at {r.endpoint} (gives up after launch.rdzv.join_timeout_s="
+                f"{self.cfg.launch.rdzv.join_timeout_s}s); `mlaunch nodes check` tests that every node reaches it")
         else:
             quietest = min(self.jobs.values(), key=lambda j: j.last_output)
-            _say(f"no output from any node for {now - last:.0f}s (quietest: {quietest.plan.name}, last line: "
-                 f"{(quietest.tail[-1] if quietest.tail else '-')[:120]!r}); Ctrl-C stops the run on every node")
+            say(f"no output from any node for {now - last:.0f}s (quietest: {quietest.plan.name}, last line: "
+                f"{(quietest.tail[-1] if quietest.tail else '-')[:120]!r}); Ctrl-C stops the run on every node")
 
 
 def _safe(name: str) -> str:
@@ -316,10 +303,13 @@ def _read(job: NodeJob, prefix: str, lock: threading.Lock, changed: threading.Ev
         for raw in job.proc.lines():
             # A carriage-return redraw (a progress bar that slipped through): keep its final state.
             line = raw.rstrip("\r").rsplit("\r", 1)[-1]
-            job.tail.append(line)
             job.last_output = time.monotonic()
             job.log.write(line + "\n")
             job.log.flush()
+            if is_marker(line):  # for us, not for the terminal or the failure report's tail
+                job.started = job.started or line.startswith(STARTED)
+                continue
+            job.tail.append(line)
             if not quiet.is_set():
                 with lock:
                     sys.stdout.write(prefix + line + "\n")
@@ -371,7 +361,7 @@ def _stop_all(the_plan: Plan, jobs: dict[str, NodeJob], grace: float) -> None:
             pass
     for msg in results:
         if msg:
-            _say(msg)
+            say(msg)
 
 
 def _stop_node(run_id: str, job: NodeJob, grace: float) -> str | None:
@@ -384,7 +374,7 @@ def _stop_node(run_id: str, job: NodeJob, grace: float) -> str | None:
             # The job's connection dropped: the pty hangup should have ended it; verify over a new one.
             fresh = conn = ssh.connect(job.target)
         pids = [job.proc.pid] if job.proc and job.proc.pid else []
-        report = ssh.kill_run(conn, run_id, pids=pids, grace_s=grace, python=_python(job))
+        report = ssh.kill_run(conn, run_id, pids=pids, grace_s=grace, python=job.plan.python)
         if report.remaining:
             return f"{job.plan.name}: processes {report.remaining} of run {run_id} survived SIGKILL"
         return None
@@ -393,10 +383,6 @@ def _stop_node(run_id: str, job: NodeJob, grace: float) -> str | None:
     finally:
         if fresh is not None:
             fresh.close()
-
-
-def _python(job: NodeJob) -> str:
-    return job.plan.argv[0]
 
 
 def _verify_clean(the_plan: Plan, jobs: dict[str, NodeJob]) -> None:

@@ -138,9 +138,7 @@ def check(path: Path, *, overrides: list[str], as_json: bool, collective: bool) 
 
         def probe_node(rep: NodeReport, conn: Any, python: str, workdir: str) -> None:
             # SSH round trip: opening a channel, no process started on the node.
-            start = time.monotonic()
-            conn.transport.open_session(timeout=_CMD_TIMEOUT_S).close()
-            rtt = time.monotonic() - start
+            rtt = conn.ping(timeout=_CMD_TIMEOUT_S)
             rep.facts["latency_ms"] = round(rtt * 1000, 1)
             rep.add("ssh", True, f"{rtt * 1000:.0f} ms")
             sent = time.time()
@@ -288,7 +286,7 @@ os._exit(0)
 def _collective(job: Any, targets: dict[str, Any], conns: dict, reports: dict[str, NodeReport]) -> None:
     """A tiny all-reduce through torchrun on every node, 1 process each, under a deadline."""
     from launcher import cluster_run
-    from launcher.run import build_plan
+    from launcher.planning import build_plan
 
     if not all(r.ok for r in reports.values()):
         for r in reports.values():
@@ -302,7 +300,7 @@ def _collective(job: Any, targets: dict[str, Any], conns: dict, reports: dict[st
     procs = {}
     for node in the_plan.nodes:
         conn = conns[node.name]
-        cluster_run._put_text(conn, "/", script, _ALLREDUCE)
+        conn.put_text(script, _ALLREDUCE, timeout=60)
         argv = node.argv[: node.argv.index("-m", 3)] + [script]
         argv[argv.index("--rdzv-conf") + 1] = argv[argv.index("--rdzv-conf") + 1].replace("join_timeout=600", "join_timeout=60")
         procs[node.name] = conn.start(job_command(argv, node.env, the_plan.run_id, cwd="/tmp"), pty=True)

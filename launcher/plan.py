@@ -40,6 +40,7 @@ class NodePlan:
     workdir: str
     nproc_per_node: int
     nproc_source: str  # why this many processes (shown by `mlaunch plan`)
+    python: str  # the node's interpreter: argv[0], and what the runner's helper scripts run with
     argv: list[str]
     env: dict[str, str]
     setup: str | None
@@ -63,13 +64,14 @@ class Plan:
     world_size: int
     config_path: str  # the resolved config every rank reads, relative to the workdir
     output_dir: str
+    resolved: JobConfig = field(compare=False, repr=False)  # what every rank reads
     parallel: dict[str, Any] = field(default_factory=dict)
-    resolved: JobConfig | None = field(default=None, compare=False, repr=False)  # what every rank reads
 
     def to_json(self, mask: bool = True) -> dict[str, Any]:
         nodes = []
         for n in self.nodes:
             d = asdict(n)
+            del d["python"]  # argv[0] shows it; the printed plan stays as it was
             d["env"] = masked_env(n.env) if mask else dict(n.env)
             d["command"] = n.command(mask=mask)
             nodes.append(d)
@@ -135,11 +137,12 @@ def make_plan(
         nproc, why = _nproc(launch.nproc_per_node, (gpus or {}).get(0), None)
         env = {**passthrough_env(cfg.cluster.env_passthrough if cfg.cluster else [], local_env),
                **(cfg.cluster.env if cfg.cluster else {}), **base_env}
-        argv = [python or "python3", *TORCHRUN, "--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc),
+        python = python or "python3"
+        argv = [python, *TORCHRUN, "--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc),
                 "--max-restarts", str(launch.max_restarts), "--monitor-interval", _num(launch.monitor_interval_s),
                 *ranks_filter, *train_args]
-        node = NodePlan(0, "local", "localhost", 0, None, "127.0.0.1", ".", nproc, why, argv, env, None)
-        return Plan(job, run_id, True, None, [node], nproc, config_path, cfg.train.output_dir, parallel or {}, cfg)
+        node = NodePlan(0, "local", "localhost", 0, None, "127.0.0.1", ".", nproc, why, python, argv, env, None)
+        return Plan(job, run_id, True, None, [node], nproc, config_path, cfg.train.output_dir, cfg, parallel or {})
 
     cluster = cfg.cluster
     addrs = addrs or {}
@@ -167,7 +170,8 @@ def make_plan(
     for i, spec in enumerate(cluster.nodes):
         nproc, why = _nproc(launch.nproc_per_node, (gpus or {}).get(i), spec.gpus)
         world += nproc
-        argv = [python or cluster.node_python(i), *TORCHRUN, "--nnodes", nnodes, "--nproc-per-node", str(nproc)]
+        node_python = python or cluster.node_python(i)
+        argv = [node_python, *TORCHRUN, "--nnodes", nnodes, "--nproc-per-node", str(nproc)]
         if rdzv.backend == "static":
             argv += ["--node-rank", str(i), "--master-addr", rdzv.master_addr, "--master-port", str(rdzv.port)]
         else:
@@ -180,8 +184,9 @@ def make_plan(
         argv += ["--max-restarts", str(launch.max_restarts), "--monitor-interval", _num(launch.monitor_interval_s),
                  *ranks_filter, *train_args]
         nodes.append(NodePlan(i, cluster.node_name(i), spec.host, cluster.node_port(i), spec.user or cluster.ssh.user,
-                              node_addr[i], cluster.node_workdir(i), nproc, why, argv, dict(env_common), cluster.setup))
-    return Plan(job, run_id, False, rdzv, nodes, world, config_path, cfg.train.output_dir, parallel or {}, cfg)
+                              node_addr[i], cluster.node_workdir(i), nproc, why, node_python, argv, dict(env_common),
+                              cluster.setup))
+    return Plan(job, run_id, False, rdzv, nodes, world, config_path, cfg.train.output_dir, cfg, parallel or {})
 
 
 def _nproc(setting: int | str, probed: int | None, declared: int | None) -> tuple[int, str]:

@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from job.config import JobConfig
+from job.planner import RECOMPUTE, Decision, gib, leanest
 from launcher.plan import Plan
+
+TABLE_COLUMNS = ("strategy", "degrees", "recompute", "memory/GPU", "fits", "step (s)", "tokens/s", "verdict")
 
 
 def print_plan(plan: Plan, cfg: JobConfig, decision: Any) -> None:
@@ -36,9 +39,7 @@ def print_plan(plan: Plan, cfg: JobConfig, decision: Any) -> None:
         line += " (" + ", ".join(f"{k}={v}" for k, v in extras.items()) + ")"
     console.print(line)
     if decision is not None:
-        from job import autoplan
-
-        autoplan.print_decision(console, decision)
+        print_decision(console, decision)
     elif "estimate" in par:
         est, gib = par["estimate"], 2**30
         line = (f"planner's estimate for {est['layout']}: {est['memory_bytes'] / gib:.1f} GiB per GPU (budget "
@@ -53,3 +54,50 @@ def print_plan(plan: Plan, cfg: JobConfig, decision: Any) -> None:
     for n in plan.nodes:
         console.print(f"[cyan]# {n.name}[/cyan]", markup=True)
         console.print(n.command(mask=True), markup=False)
+
+
+def format_decision(decision: Decision, all_candidates: bool = False) -> list[tuple[str, ...]]:
+    """Rows for TABLE_COLUMNS. By default one row per layout: the chosen recomputation mode, the
+    least recomputation that fits, or — when none fits — the leanest mode."""
+    rows = []
+    seen: set[str] = set()
+    for c in decision.candidates:  # already ordered: chosen, fitting by speed, the rest by memory
+        if not all_candidates:
+            if c.layout in seen:
+                continue
+            same = [x for x in decision.candidates if x.layout == c.layout]
+            fitting = [x for x in same if x.fits]
+            c = (next((x for x in same if x is decision.chosen), None)
+                 or (min(fitting, key=lambda x: RECOMPUTE.index(x.recompute)) if fitting else leanest(same)))
+            seen.add(c.layout)
+        rows.append((
+            c.strategy,
+            " ".join(f"{k}={v}" for k, v in c.degrees.items()),
+            c.recompute,
+            gib(c.memory["total"]),
+            "yes" if c.fits else "no",
+            f"{c.step_time_s:.3g}",
+            f"{c.tokens_per_s:,.0f}",
+            c.verdict,
+        ))
+    return rows
+
+
+def render_table(decision: Decision, all_candidates: bool = False):
+    """A rich Table of the candidates (rich is imported only when this is called)."""
+    from rich.table import Table
+
+    table = Table(title="parallel plan", caption=decision.reason)
+    for name in TABLE_COLUMNS:
+        table.add_column(name, justify="right" if name in ("memory/GPU", "step (s)", "tokens/s") else "left")
+    for row in format_decision(decision, all_candidates):
+        style = "bold green" if row[-1].startswith("chosen") else ("dim" if row[4] == "no" else None)
+        table.add_row(*row, style=style)
+    return table
+
+
+def print_decision(console: Any, decision: Decision) -> None:
+    """The planner's table, then its notes."""
+    console.print(render_table(decision))
+    for note in decision.notes:
+        console.print(f"note: {note}")
