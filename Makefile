@@ -1,6 +1,6 @@
 # Two commands on a fresh machine:
 #   make run    set up, then train the embedded default (tiny Baichuan, bundled sample, CPU)
-#   make test   set up, then run the whole test suite (slow multi-process and SSH tests included)
+#   make test   set up, then run every test tier but gpu: tests/unit, tests/dist, tests/ssh
 .PHONY: run test setup bench
 
 run:

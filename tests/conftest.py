@@ -1,3 +1,45 @@
-"""Shared pytest set-up: the sshd "nodes" plugin and small helpers used across test files."""
+"""Shared pytest set-up: the sshd "nodes" plugin, and each test's tier marked from its folder.
+
+    tests/unit/  pure, seconds long: `pytest tests/unit` is the inner loop
+    tests/dist/  real torchrun/gloo workers; `python -m train`, `mlaunch run --standalone` end to end -> slow
+    tests/ssh/   real OpenSSH sshd "nodes" on loopback (tests/sshd.py)                    -> ssh, slow
+    tests/gpu/   needs a CUDA GPU; deselected by default (`addopts = -m 'not gpu'`)       -> gpu
+
+Files do not mark their own tier: the folder is the tier. Shared helpers live in tests/helpers.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
 
 pytest_plugins = ["tests.sshd"]
+
+TESTS = Path(__file__).resolve().parent
+
+#: Marks each tier folder gives its tests.
+TIER_MARKS: dict[str, tuple[str, ...]] = {
+    "unit": (),
+    "dist": ("slow",),
+    "ssh": ("ssh", "slow"),
+    "gpu": ("gpu",),
+}
+
+
+def tier_of(path: Path) -> str | None:
+    """The tier folder a test file lives in (`unit`, `dist`, ...); None for files outside tests/."""
+    try:
+        parts = Path(path).resolve().relative_to(TESTS).parts
+    except ValueError:
+        return None
+    if len(parts) < 2 or parts[0] not in TIER_MARKS:
+        raise pytest.UsageError(f"{path}: a test file belongs in one of tests/{{{','.join(TIER_MARKS)}}}/")
+    return parts[0]
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by these marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        for mark in TIER_MARKS.get(tier_of(item.path), ()):
+            item.add_marker(mark)

@@ -1,4 +1,5 @@
-"""Helpers for tests that run real training jobs (`python -m train`, alone or under torchrun).
+"""Helpers shared by the test tiers, mostly for tests that run real training jobs (`python -m train`,
+alone or under torchrun).
 
     from tests.helpers import write_job, run_train, read_metrics
 
@@ -12,7 +13,11 @@
 512-piece SentencePiece tokenizer trained once per session) and returns the
 YAML's path; keyword arguments are deep-merged into the `train:` section. Jobs run with
 OMP_NUM_THREADS=1 and MLAUNCH_RUN_ID set, so `kill_run` can SIGKILL exactly that job's
-processes, torchrun's workers included (they live in sessions of their own).
+processes, torchrun's workers included (they live in sessions of their own): it finds them with
+`launcher.procs.run_processes`, the launcher's own rule.
+
+Also here: `tiny_baichuan_config`/`write_hub_folder` (a tiny model and a published-style folder of
+it) and `NASTY`/`ECHO_BACK` (values that break naive shell quoting, and a program that echoes them).
 """
 
 from __future__ import annotations
@@ -29,9 +34,31 @@ from typing import Any, Callable
 
 import yaml
 
+from launcher.procs import run_processes
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = ROOT / "train" / "data" / "bitext_sample.jsonl"
 _TOKENIZER_CACHE: dict[str, Path] = {}
+
+
+# Values that break naive quoting: each must arrive byte for byte.
+NASTY = [
+    "$(echo pwned)",
+    "`echo pwned`",
+    "it's",
+    'say "hi"',
+    "two  spaces ",
+    "line1\nline2",
+    "$HOME ${PATH} \\ ; | & > < * ? ~ #",
+    "",
+    "-n",
+    "ünïcødé",
+]
+
+ECHO_BACK = (
+    "import json, os, sys; "
+    "print(json.dumps({'argv': sys.argv[1:], 'env': dict(os.environ), 'cwd': os.getcwd()}))"
+)
 
 
 def tiny_tokenizer(directory: Path) -> Path:
@@ -118,19 +145,6 @@ def start_train(config: Path, nproc: int | None = None, *, overrides: tuple[str,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def _run_pids(run_id: str) -> list[int]:
-    needle = f"MLAUNCH_RUN_ID={run_id}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if needle in (entry / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue  # gone, or not ours to read
-    return pids
-
-
 def kill_run(proc: subprocess.Popen, run_id: str, sig: int = signal.SIGKILL) -> None:
     """Send `sig` to the job's process group and to every process carrying its run id (torchrun's
     workers are in their own sessions: killing torchrun alone would orphan them)."""
@@ -138,7 +152,7 @@ def kill_run(proc: subprocess.Popen, run_id: str, sig: int = signal.SIGKILL) -> 
         os.killpg(proc.pid, sig)
     except ProcessLookupError:
         pass
-    for pid in _run_pids(run_id):
+    for pid in run_processes(run_id):
         try:
             os.kill(pid, sig)
         except ProcessLookupError:
@@ -148,9 +162,9 @@ def kill_run(proc: subprocess.Popen, run_id: str, sig: int = signal.SIGKILL) -> 
 def wait_gone(run_id: str, timeout: float = 10) -> None:
     """Wait until no process of the run is left (SIGKILLed workers take a moment to be reaped)."""
     deadline = time.monotonic() + timeout
-    while _run_pids(run_id):
+    while run_processes(run_id):
         if time.monotonic() > deadline:
-            raise AssertionError(f"processes of run {run_id} still alive: {_run_pids(run_id)}")
+            raise AssertionError(f"processes of run {run_id} still alive: {run_processes(run_id)}")
         time.sleep(0.05)
 
 
@@ -168,7 +182,7 @@ def read_eval_metrics(output_dir: Path) -> list[dict[str, Any]]:
 def torchrun_worker(body: Callable[[Any], None]) -> None:
     """The frame of a test script that torchrun runs on every rank: a gloo process group, `body(env)`,
     and always the exit through `train.distributed.shutdown` (barrier, destroy, flush, os._exit),
-    without which gloo aborts at interpreter exit in about 1 run in 8 (see DESIGN.md)."""
+    without which gloo aborts at interpreter exit in about 1 run in 8 (PyTorch issue #190489)."""
     import traceback
 
     import torch
@@ -185,3 +199,34 @@ def torchrun_worker(body: Callable[[Any], None]) -> None:
         traceback.print_exc()
     finally:
         D.shutdown(code, clean=clean)
+
+
+def tiny_baichuan_config(**overrides):
+    """A 4-layer hidden-32 Baichuan config for building, sharding and loading tests."""
+    from job.baichuan import BaichuanConfig
+
+    # vocab 129: the embedding and head shard unevenly over 2 ranks (65 + 64 rows), as FSDP pads.
+    kw = dict(vocab_size=129, hidden_size=32, intermediate_size=72, num_hidden_layers=4, num_attention_heads=4,
+              position="rope", norm_head=True, z_loss_weight=1e-3)
+    return BaichuanConfig(**{**kw, **overrides})
+
+
+def write_hub_folder(folder: Path, cfg, *, seed: int, dtype=None, fmt="safetensors-sharded"):
+    """A published-style folder (config.json, two weight files) of a random model in `dtype`
+    (default bfloat16); returns its weights."""
+    import torch
+
+    from train.models.baichuan.model import BaichuanForCausalLM, init_weights
+    from train.models.baichuan.hub import write_hub_checkpoint
+
+    dtype = torch.bfloat16 if dtype is None else dtype
+    torch.manual_seed(seed)
+    model = BaichuanForCausalLM(cfg)
+    init_weights(model, 0.05)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)  # not all ones: a norm left unloaded would show
+    model.to(dtype)
+    write_hub_checkpoint(model, cfg, folder, fmt)
+    return {k: v.clone() for k, v in model.state_dict().items()}

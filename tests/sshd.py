@@ -12,8 +12,9 @@ Fixtures:
 
 Each node is its own `sshd -D -e -f <config>` on 127.0.0.N (N = 2, 3, ...) and a free port,
 with its own ed25519 host key, a pid file, a work directory and a log (`node.log_tail()`).
-It logs in as the current user (root here: PermitRootLogin prohibit-password). Mark tests
-that use it with `@pytest.mark.ssh`; without an sshd binary they are skipped.
+It logs in as the current user (root here: PermitRootLogin prohibit-password). Tests that use
+it live under tests/ssh/ (tests/conftest.py marks them `ssh` and `slow`); without an sshd binary
+they are skipped.
 
 The remote side is a login shell with sshd's default PATH
 (/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin): this virtualenv's bin is NOT on

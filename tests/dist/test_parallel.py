@@ -2,7 +2,7 @@
 (CPU, gloo, fp32).
 
 One torchrun launch per world size runs every configuration in-process (this file is also the
-worker: `torchrun ... tests/test_parallel.py OUT.json WORLD`), because starting processes is what
+worker: `torchrun ... tests/dist/test_parallel.py OUT.json WORLD`), because starting processes is what
 costs time here. Each configuration trains the same tiny model on the same global batches
 (16 sequences of random lengths per step, so batches carry padding), split the way the loop splits
 them: contiguous rows per data-parallel rank, 2 micro-batches of accumulation, loss scaled by
@@ -10,6 +10,7 @@ dp_size / global target tokens. Every rank also trains the unwrapped model on th
 alone: that reference is what DDP must match, and so must every other strategy (1e-4 relative).
 Checkpoints written under one strategy are loaded under another and training goes on: the next
 steps' losses must be the reference's (model weights and AdamW moments both restored).
+The in-process checks (bad layouts, the pipeline pieces) are in tests/unit/test_parallel.py.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import pytest
 
 from tests.helpers import torchrun_worker
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS = 6
 GLOBAL_ROWS = 16  # sequences per optimizer step, whatever the layout
 GRAD_ACCUM = 2
@@ -82,7 +83,6 @@ def _check_resumes(result: dict) -> None:
         assert _close(losses, ref), f"{name}: losses after loading {losses} != reference {ref}"
 
 
-@pytest.mark.slow
 def test_world2_fsdp_and_pipeline_schedules_match_ddp(world2):
     """fsdp(2); pipeline 2 stages x 4 micro-batches with gpipe, 1f1b and interleaved 1f1b (2 virtual
     stages per rank); ddp, fsdp and a pipeline with activation checkpointing; all equal ddp(2) and
@@ -92,13 +92,11 @@ def test_world2_fsdp_and_pipeline_schedules_match_ddp(world2):
     _check_runs(world2)
 
 
-@pytest.mark.slow
 def test_world2_checkpoints_load_across_strategies(world2):
     assert {"fsdp->ddp", "ddp->fsdp", "pipeline->ddp", "fsdp->pipeline", "pipeline->interleaved"} <= set(world2["resumes"])
     _check_resumes(world2)
 
 
-@pytest.mark.slow
 def test_world4_fsdp_hsdp_and_pipeline_x_dp_match_ddp(world4):
     """fsdp(4); hsdp 2 replicas x 2 shards; pipeline 2 stages x dp 2 with DDP and with FSDP inside
     each stage; all equal ddp(4)."""
@@ -106,13 +104,11 @@ def test_world4_fsdp_hsdp_and_pipeline_x_dp_match_ddp(world4):
     _check_runs(world4)
 
 
-@pytest.mark.slow
 def test_world4_checkpoints_load_across_strategies(world4):
     assert {"hsdp->pipeline-fsdp", "pipeline-ddp->fsdp"} <= set(world4["resumes"])
     _check_resumes(world4)
 
 
-@pytest.mark.slow
 def test_pipeline_through_the_training_loop_matches_ddp(tmp_path):
     """`python -m train` end to end: a 2-stage pipeline (torchrun, 2 ranks, 1f1b over 4 pipeline
     micro-batches) logs the losses, gradient norms and eval losses of one process alone, and exports
@@ -141,23 +137,6 @@ def test_pipeline_through_the_training_loop_matches_ddp(tmp_path):
     assert any((tmp_path / "pipe" / "run" / "checkpoints").glob("step_*/COMPLETE"))
 
 
-def test_bad_layouts_fail_in_one_line_before_any_process_group():
-    """Checked by ParallelDims.from_config, which `python -m train` calls before init_process_group."""
-    from job.config import ParallelConfig
-    from job.errors import ConfigError
-    from train.parallel.base import ParallelDims
-
-    for pcfg, world, message in [
-        (ParallelConfig(strategy="pipeline", pp=3), 4, "does not divide the world size 4"),
-        (ParallelConfig(strategy="ddp", pp=2), 4, "need `strategy: pipeline`"),
-        (ParallelConfig(strategy="fsdp", pp=2), 4, "need `strategy: pipeline`"),
-    ]:
-        with pytest.raises(ConfigError, match=message) as e:
-            ParallelDims.from_config(pcfg, world, world)
-        assert "\n" not in str(e.value)
-
-
-@pytest.mark.slow
 def test_bad_layout_under_torchrun_is_one_line_and_starts_no_process_group(tmp_path):
     import re
 
@@ -177,40 +156,9 @@ def test_bad_layout_under_torchrun_is_one_line_and_starts_no_process_group(tmp_p
     assert worker_lines[0].startswith("error:") and "does not divide the world size 2" in worker_lines[0]
 
 
-def test_pipeline_pieces():
-    """In-process: the planner's split, the cut model's keys, the shape ladder and the padding."""
-    import torch
-
-    from job.config import ParallelConfig
-    from job.errors import ConfigError
-    from train.models.baichuan.model import BaichuanForCausalLM
-    from train.parallel.pipeline import bucket_length, build_pipeline_stages, check_pipeline, model_dims, pad_batch
-    from job.planner import split_layers
-
-    model = BaichuanForCausalLM(_tiny_config())
-    full_keys = set(model.state_dict())
-    split = split_layers(model_dims(model.config), 4)
-    chunks, mine = build_pipeline_stages(model, 1, 2, 2, split)
-    assert mine == [1, 3]
-    assert set(model.state_dict()) <= full_keys  # no key renamed
-    assert "lm_head.weight" in model.state_dict() and "model.embed_tokens.weight" not in model.state_dict()
-    assert sorted(model.model.layers.keys()) == sorted(str(i) for k in mine for i in split[k])
-    assert set().union(*(c.state_dict() for c in chunks)) == set(model.state_dict())
-    assert [bucket_length(n, 64) for n in (1, 16, 17, 24, 25, 40, 64, 65)] == [16, 16, 24, 24, 32, 48, 64, 65]
-    batch = {"input_ids": torch.ones(3, 5, dtype=torch.long), "attention_mask": torch.ones(3, 5, dtype=torch.long),
-             "labels": torch.ones(3, 5, dtype=torch.long)}
-    padded = pad_batch(batch, 4, 16)
-    assert padded["input_ids"].shape == (4, 16) and int(padded["attention_mask"].sum()) == 15
-    assert int((padded["labels"] != -100).sum()) == 15
-    with pytest.raises(ConfigError, match="at least 8 decoder layers"):
-        check_pipeline(ParallelConfig(strategy="pipeline", pp=4, schedule="interleaved_1f1b"), 4, 4)
-    with pytest.raises(ConfigError, match="at least pp=4"):
-        check_pipeline(ParallelConfig(strategy="pipeline", pp=4, microbatches=2), 4, 4)
-
-
 # ============================================================================== worker side
 def _tiny_config():
-    from train.models.baichuan.model import BaichuanConfig
+    from job.baichuan import BaichuanConfig
 
     # norm_head and a z-loss: the Baichuan2 parts travel through every strategy too.
     return BaichuanConfig(vocab_size=128, hidden_size=32, intermediate_size=88, num_hidden_layers=4,
@@ -267,28 +215,27 @@ class _Layout:
 
 
 def _layouts(world: int):
-    from train.parallel.base import ParallelDims
+    from job.layout import Layout
 
-    def pipe(schedule: str, dp_shard: bool = False, **extra) -> dict:
+    def pipe(schedule: str, stage_dp: str = "ddp", **extra) -> dict:
         return {"strategy": "pipeline", "pp": 2, "schedule": schedule, "microbatches": 4, "stages_per_rank": 2,
-                "dp_shard": dp_shard, **extra}
+                "stage_dp": stage_dp, **extra}
 
-    ddp = _Layout("ddp", ParallelDims(world, "ddp", dp=world), {"strategy": "ddp"})
-    fsdp = _Layout("fsdp", ParallelDims(world, "fsdp", dp=world), {"strategy": "fsdp"})
+    ddp = _Layout("ddp", Layout(dp_replicate=world), {"strategy": "ddp"})
+    fsdp = _Layout("fsdp", Layout(dp_shard=world), {"strategy": "fsdp"})
     if world == 2:
-        pdims = ParallelDims(2, "pipeline", dp=1, pp=2)
+        pdims = Layout(pp=2)
         # Activation checkpointing composes with every strategy: same trajectory, less memory.
         recomputed = [_Layout("ddp-selective", ddp.dims, ddp.parallel, "selective"),
                       _Layout("fsdp-full", fsdp.dims, fsdp.parallel, "full"),
                       _Layout("pipeline-1f1b-full", pdims, pipe("1f1b"), "full")]
         return [ddp, fsdp] + [_Layout(f"pipeline-{s}", pdims, pipe(s)) for s in ("gpipe", "1f1b", "interleaved_1f1b")] + recomputed
-    pdims = ParallelDims(4, "pipeline", dp=2, pp=2)
     return [
         ddp, fsdp,
         # Two "nodes" of 2: shard within, replicate across (torchrun --standalone has one node).
-        _Layout("hsdp", ParallelDims(4, "hsdp", dp=4, dp_shard_in_node=2), {"strategy": "hsdp"}),
-        _Layout("pipeline-ddp", pdims, pipe("1f1b")),
-        _Layout("pipeline-fsdp", pdims, pipe("gpipe", dp_shard=True)),
+        _Layout("hsdp", Layout(dp_replicate=2, dp_shard=2), {"strategy": "hsdp"}),
+        _Layout("pipeline-ddp", Layout(dp_replicate=2, pp=2), pipe("1f1b")),
+        _Layout("pipeline-fsdp", Layout(dp_shard=2, pp=2), pipe("gpipe", stage_dp="fsdp")),
     ]
 
 
@@ -307,6 +254,7 @@ class _Trainer:
         import torch
 
         from train.loop import build_optimizer
+        from train.models.baichuan.parallelize import BAICHUAN
         from train.parallel.base import parallelize
         from train.parallel.mesh import build_mesh
 
@@ -318,8 +266,8 @@ class _Trainer:
 
         model = _fresh_model(seed)
         set_activation_checkpointing(model, layout.recompute)
-        self.par = parallelize(model, dims=layout.dims, mesh=mesh, cfg=self.cfg, device=device,
-                               z_loss_weight=_tiny_config().z_loss_weight)
+        self.par = parallelize(model, layout=layout.dims, mesh=mesh, cfg=self.cfg, device=device,
+                               z_loss_weight=_tiny_config().z_loss_weight, arch=BAICHUAN)
         self.opt = build_optimizer(self.par, self.cfg, device)
 
     def step(self, rows: list[dict]) -> tuple[float, float]:
@@ -359,14 +307,16 @@ def _reference(steps: list[list[dict]], eval_rows: list[dict]) -> tuple[dict, di
     import torch
 
     from train.loop import build_optimizer
-    from train.models.baichuan.model import causal_lm_loss
-    from train.parallel.base import ParallelDims, target_tokens
+    from job.layout import Layout
+    from train.loss import causal_lm_loss
+    from train.models.baichuan.parallelize import BAICHUAN
+    from train.parallel.base import target_tokens
     from train.parallel.ddp import DDPParallel
 
     cfg = _cfg({"strategy": "ddp"})
     model = _fresh_model(0)
-    par = DDPParallel.build(model, dims=ParallelDims(1, "ddp", dp=1), mesh=None, cfg=cfg, device=torch.device("cpu"),
-                            z_loss_weight=_tiny_config().z_loss_weight)
+    par = DDPParallel.build(model, layout=Layout(), mesh=None, cfg=cfg, device=torch.device("cpu"),
+                            z_loss_weight=_tiny_config().z_loss_weight, arch=BAICHUAN)
     opt = build_optimizer(par, cfg, torch.device("cpu"))
     out = {"loss": [], "grad_norm": []}
     for rows in steps:

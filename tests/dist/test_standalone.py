@@ -10,12 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from launcher.procs import run_processes
 
-ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def mlaunch(*args: str, **kw) -> subprocess.Popen:

@@ -33,9 +33,7 @@ import yaml
 import tests.sshd
 from tests.helpers import tiny_tokenizer
 
-pytestmark = [pytest.mark.ssh, pytest.mark.slow]
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MLAUNCH = [sys.executable, "-m", "launcher.cli"]
 #: Steps enough that a run is still going whatever the test does meanwhile (it is stopped).
 ENDLESS = 100_000

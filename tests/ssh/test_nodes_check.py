@@ -18,9 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytestmark = [pytest.mark.ssh, pytest.mark.slow]
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cluster_section(ssh_cluster, nodes, *, known_hosts: str | None = None, workdir: str = str(ROOT)) -> dict:

@@ -1,16 +1,15 @@
-"""launcher/ssh.py against real OpenSSH sshd nodes on loopback (tests/sshd.py); no mocks.
+"""launcher/ssh/ against real OpenSSH sshd nodes on loopback (tests/sshd.py); no mocks.
 
 The "remote" nodes run on this machine, so a test can check remote files and processes
-directly (psutil, the filesystem) as well as through the connection.
+directly (psutil, the filesystem) as well as through the connection. The checks that need no
+sshd (command lines, config resolution, a silent port) are in tests/unit/test_ssh.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -20,25 +19,7 @@ import pytest
 
 from launcher import shell, ssh
 from job.errors import ConfigError, MlaunchError
-
-# Values that break naive quoting: each must arrive byte for byte.
-NASTY = [
-    "$(echo pwned)",
-    "`echo pwned`",
-    "it's",
-    'say "hi"',
-    "two  spaces ",
-    "line1\nline2",
-    "$HOME ${PATH} \\ ; | & > < * ? ~ #",
-    "",
-    "-n",
-    "ünïcødé",
-]
-
-ECHO_BACK = (
-    "import json, os, sys; "
-    "print(json.dumps({'argv': sys.argv[1:], 'env': dict(os.environ), 'cwd': os.getcwd()}))"
-)
+from tests.helpers import ECHO_BACK, NASTY
 
 
 def _run_id() -> str:
@@ -61,80 +42,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-# ---------------------------------------------------------------------------------------------
-# Pure: command lines and config resolution (no sshd)
-
-
-def test_shell_command_survives_sh(tmp_path):
-    env = {f"V{i}": v for i, v in enumerate(NASTY)}
-    cwd = tmp_path / "dir with 'quote' and $(x)"
-    cwd.mkdir()
-    line = shell.shell_command([sys.executable, "-c", ECHO_BACK, *NASTY], env, cwd=str(cwd))
-    assert "\n" not in line.replace("line1\nline2", "")  # only inside quotes
-    out = subprocess.run(["sh", "-c", line], capture_output=True, text=True, check=True).stdout
-    got = json.loads(out)
-    assert got["argv"] == NASTY
-    assert {k: got["env"][k] for k in env} == env
-    assert got["cwd"] == str(cwd)
-
-
-def test_shell_command_rejects_bad_env_name():
-    with pytest.raises(ConfigError, match="not valid"):
-        shell.shell_command(["true"], {"A-B": "1"})
-
-
-def test_resolve_applies_ssh_config_and_explicit_values_win(tmp_path):
-    cfg = tmp_path / "config"
-    cfg.write_text(
-        "Host trainer\n"
-        "  HostName 10.1.2.3\n"
-        "  Port 2200\n"
-        "  User alice\n"
-        "  IdentityFile ~/keys/trainer\n"
-        "  ProxyJump bob@bastion:2022\n"
-    )
-    t = ssh.resolve(ssh.SSHTarget("trainer", ssh_config=str(cfg), known_hosts="/kh"))
-    assert (t.host, t.port, t.user) == ("10.1.2.3", 2200, "alice")
-    assert t.identity_files == (os.path.expanduser("~/keys/trainer"),)
-    assert t.proxy_jump == "bob@bastion:2022"
-    assert t.label == "trainer"
-    t = ssh.resolve(
-        ssh.SSHTarget("trainer", port=22, user="root", identity_file="/k", ssh_config=str(cfg))
-    )
-    assert (t.port, t.user, t.identity_files) == (22, "root", ("/k",))
-    assert t.known_hosts == os.path.expanduser("~/.ssh/known_hosts")
-
-
-def test_silent_port_times_out_with_one_line(tmp_path):
-    # Accepts TCP (the kernel completes the handshake) but never speaks SSH: a hung node.
-    empty = tmp_path / "ssh_config"
-    empty.write_text("")
-    with socket.socket() as srv:
-        srv.bind(("127.0.0.1", 0))
-        srv.listen(4)
-        port = srv.getsockname()[1]
-        t0 = time.monotonic()
-        with pytest.raises(MlaunchError) as info:
-            ssh.connect(ssh.SSHTarget("127.0.0.1", port=port, connect_timeout=0.5,
-                                      ssh_config=str(empty), known_hosts=str(tmp_path / "kh")))
-        assert time.monotonic() - t0 < 5
-    assert str(info.value) == (
-        f"node 127.0.0.1:{port}: 127.0.0.1:{port} accepted the connection but completed no SSH "
-        f"handshake within 0.5s; is an SSH server listening there, and is it not overloaded "
-        f"(MaxStartups)?"
-    )
-
-
-def test_bad_policy_is_a_config_error():
-    with pytest.raises(ConfigError, match="host_key_policy"):
-        ssh.SSHTarget("h", host_key_policy="yes")
-
-
-# ---------------------------------------------------------------------------------------------
-# Against real sshd
-
-
-@pytest.mark.ssh
 def test_connect_all_in_parallel(ssh_nodes):
     results = ssh.connect_all({n.name: n.target() for n in ssh_nodes})
     try:
@@ -148,7 +55,6 @@ def test_connect_all_in_parallel(ssh_nodes):
         ssh.close_all(results)
 
 
-@pytest.mark.ssh
 def test_unknown_host_key_is_refused_and_nothing_written(ssh_cluster, tmp_path):
     (node,) = ssh_cluster(1)
     kh = tmp_path / "known_hosts"
@@ -163,7 +69,6 @@ def test_unknown_host_key_is_refused_and_nothing_written(ssh_cluster, tmp_path):
     assert kh.read_text() == "# mine\n"
 
 
-@pytest.mark.ssh
 def test_accept_new_records_key_then_reconnects(ssh_cluster, tmp_path):
     (node,) = ssh_cluster(1)
     kh = tmp_path / "fresh" / "known_hosts"  # neither file nor directory exists yet
@@ -175,7 +80,6 @@ def test_accept_new_records_key_then_reconnects(ssh_cluster, tmp_path):
     assert kh.read_text() == node.known_hosts_line + "\n"
 
 
-@pytest.mark.ssh
 def test_changed_host_key_is_refused_even_with_accept_new(ssh_cluster, tmp_path):
     node = ssh_cluster.spawn()
     kh = tmp_path / "known_hosts"
@@ -192,7 +96,6 @@ def test_changed_host_key_is_refused_even_with_accept_new(ssh_cluster, tmp_path)
     node.stop()
 
 
-@pytest.mark.ssh
 def test_connect_all_reports_each_failed_node(ssh_cluster):
     a, b = ssh_cluster(2)
     down = ssh_cluster.spawn()
@@ -218,7 +121,6 @@ def test_connect_all_reports_each_failed_node(ssh_cluster):
         ssh.close_all(results)
 
 
-@pytest.mark.ssh
 def test_auth_failure_names_node_and_fix(ssh_cluster, tmp_path):
     (node,) = ssh_cluster(1)
     key = tmp_path / "stranger"
@@ -232,7 +134,6 @@ def test_auth_failure_names_node_and_fix(ssh_cluster, tmp_path):
         ssh.connect(node.target(identity_file=str(tmp_path / "missing")))
 
 
-@pytest.mark.ssh
 def test_run_drains_large_stdout_and_stderr(ssh_cluster):
     (node,) = ssh_cluster(1)
     # Interleaved, 6 MiB each: well past the 2 MiB channel window on both streams.
@@ -254,7 +155,30 @@ def test_run_drains_large_stdout_and_stderr(ssh_cluster):
             c.run("echo boom >&2; exit 7", timeout=10, check=True)
 
 
-@pytest.mark.ssh
+def test_put_text_replaces_files_whole_and_ping_times_a_round_trip(ssh_cluster, tmp_path):
+    (node,) = ssh_cluster(1)
+    dest = tmp_path / "dir with 'quote' and $(x)" / "sub" / "config.yaml"
+    # ~640 KB: well past one channel window, and bytes a shell would expand if it saw them.
+    text = "".join(f"line {i}: ünïcødé $HOME `x` \\ ;\n" for i in range(20000))
+    with ssh.connect(node.target()) as c:
+        rtt = c.ping(timeout=10)
+        assert 0 < rtt < 10
+        c.put_text(str(dest), text)
+        assert dest.read_text() == text
+        c.put_text(str(dest), "second\n")  # renamed over the first
+        assert dest.read_text() == "second\n"
+        assert [p.name for p in dest.parent.iterdir()] == ["config.yaml"]  # no temporary left
+        blocker = tmp_path / "a-file"
+        blocker.write_text("")
+        with pytest.raises(MlaunchError) as info:
+            c.put_text(str(blocker / "x.yaml"), "x")
+        msg = str(info.value)
+        assert msg.startswith(f"node {node.name}: cannot write {blocker / 'x.yaml'} (exit 1: ")
+        assert "\n" not in msg
+    with pytest.raises(MlaunchError, match="the SSH connection is closed"):
+        c.ping()
+
+
 def test_env_and_args_arrive_verbatim(ssh_cluster):
     (node,) = ssh_cluster(1)
     env = {f"V{i}": v for i, v in enumerate(NASTY)}
@@ -271,7 +195,6 @@ def test_env_and_args_arrive_verbatim(ssh_cluster):
     assert res.stderr == ""  # nothing was executed by accident
 
 
-@pytest.mark.ssh
 def test_put_tree_sends_only_changes_and_honours_excludes(ssh_cluster, tmp_path):
     (node,) = ssh_cluster(1)
     src = tmp_path / "proj"
@@ -325,7 +248,6 @@ def test_put_tree_sends_only_changes_and_honours_excludes(ssh_cluster, tmp_path)
         assert (remote / "pkg/deep/model.py").read_text() == "x = 2\n" * 1000
 
 
-@pytest.mark.ssh
 def test_closing_pty_channel_ends_remote_job(ssh_cluster):
     (node,) = ssh_cluster(1)
     run_id = _run_id()
@@ -341,7 +263,6 @@ def test_closing_pty_channel_ends_remote_job(ssh_cluster):
     assert not _alive(pid)
 
 
-@pytest.mark.ssh
 def test_start_streams_lines_pid_and_exit_code(ssh_cluster):
     (node,) = ssh_cluster(1)
     argv = ["sh", "-c", "echo one; echo 'two  words'; echo $$; printf 'no newline'; exit 5"]
@@ -354,7 +275,6 @@ def test_start_streams_lines_pid_and_exit_code(ssh_cluster):
     assert lines == ["one", "two  words", str(job.pid), "no newline"]
 
 
-@pytest.mark.ssh
 def test_kill_run_ends_exactly_the_runs_processes(ssh_cluster):
     (node,) = ssh_cluster(1)
     run_id, other_id = _run_id(), _run_id()
@@ -410,7 +330,6 @@ def test_kill_run_ends_exactly_the_runs_processes(ssh_cluster):
     assert not _alive(other)
 
 
-@pytest.mark.ssh
 def test_ssh_config_alias(ssh_cluster, tmp_path):
     (node,) = ssh_cluster(1)
     cfg = tmp_path / "ssh_config"
@@ -430,7 +349,6 @@ def test_ssh_config_alias(ssh_cluster, tmp_path):
         ]
 
 
-@pytest.mark.ssh
 def test_proxy_jump_goes_through_the_jump_node(ssh_cluster, tmp_path):
     jump, dest = ssh_cluster(2)
 

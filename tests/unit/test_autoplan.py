@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from job.autoplan import model_dims, resolve_parallel
+from job.autoplan import model_config, resolve_parallel
 from job.config import load_config, validate
 from job.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_plan_json_auto_on_13b_is_sharded() -> None:
@@ -40,8 +40,8 @@ def test_dims_from_local_config_json(tmp_path: Path) -> None:
         "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 3, "num_attention_heads": 4,
         "vocab_size": 1000, "model_max_length": 4096}))
     cfg = validate({"train": {"model": {"name_or_path": str(tmp_path)}, "parallel": {"strategy": "auto"}}})
-    dims, source = model_dims(cfg)
-    assert (dims.n_layers, dims.hidden, dims.vocab) == (3, 256, 1000) and source.endswith("config.json")
+    spec, source = model_config(cfg)
+    assert (spec.num_hidden_layers, spec.hidden_size, spec.vocab_size) == (3, 256, 1000) and source.endswith("config.json")
 
 
 def test_unknown_model_is_one_clear_error() -> None:

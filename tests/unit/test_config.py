@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 from job.config import TUTORIAL_TEMPLATE, load_config, parse_override
 from job.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GOOD_TRAIN = "train:\n  model:\n    init: {hidden_size: 32}\n"
 
 # (name, yaml text, extra CLI args, a fragment the one-line error must contain)
@@ -120,6 +121,48 @@ def test_shipped_configs_load() -> None:
 def test_schema_module_does_not_import_torch() -> None:
     code = "import sys, job.config, launcher.plan, launcher.cli; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
+
+
+def _imports(path: Path) -> list[tuple[int, str, bool]]:
+    """(line, absolute module name, at module top level) for every import in one source file.
+    Imports inside a function are not top level; those under `if TYPE_CHECKING:` never run."""
+    package = ".".join(path.relative_to(ROOT).parts[:-1])
+    found: list[tuple[int, str, bool]] = []
+
+    def visit(node: ast.AST, top: bool) -> None:
+        if isinstance(node, ast.Import):
+            found.extend((node.lineno, alias.name, top) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            found.append((node.lineno, ".".join([*base, *filter(None, [node.module])]), top))
+        elif isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for stmt in node.orelse:
+                visit(stmt, top)
+            return
+        top = top and not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+        for child in ast.iter_child_nodes(node):
+            visit(child, top)
+
+    visit(ast.parse(path.read_text(), str(path)), True)
+    return found
+
+
+# (packages scanned, packages they must not import, only at module top level?)
+IMPORT_RULES = [
+    (("launcher",), ("train",), False),  # the launcher runs train as a subprocess, never imports it
+    (("job",), ("launcher", "train"), False),  # job/ is the shared base: it imports neither side
+    (("job", "launcher"), ("torch",), True),  # `mlaunch --help`/`plan` stay instant; torch only lazily
+]
+
+
+@pytest.mark.parametrize(("scanned", "forbidden", "top_only"), IMPORT_RULES,
+                         ids=["launcher-not-train", "job-not-launcher-or-train", "no-torch-at-top-level"])
+def test_dependencies_point_one_way(scanned: tuple[str, ...], forbidden: tuple[str, ...], top_only: bool) -> None:
+    bad = [f"{path.relative_to(ROOT)}:{line}: imports {module}"
+           for package in scanned for path in sorted((ROOT / package).rglob("*.py"))
+           for line, module, top in _imports(path)
+           if module.split(".")[0] in forbidden and (top or not top_only)]
+    assert not bad, "\n".join(bad)
 
 
 @pytest.mark.parametrize("args,fragment", [

@@ -1,4 +1,4 @@
-"""train/data.py: loading, bad rows, tokenisation, the per-node cache, batching and padding.
+"""train/data/: loading, bad rows, tokenisation, the per-node cache, batching and padding.
 
 All on the bundled generated sample (train/data/bitext_sample.jsonl) or tiny files written here;
 a tokenizer is trained on the sample once per module (~0.1 s)."""
@@ -12,16 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import train.data as data_mod
+import train.data.cache as cache_mod
+from job.baichuan import IGNORE_INDEX
 from job.config import DataConfig, TrainConfig
 from job.errors import ConfigError, MlaunchError
 from train.data import (
-    IGNORE_INDEX, LengthGroupedBatches, PadToMaxBatches, PromptTemplate, collate, drop_bad_rows, ensure_tokenizer,
-    iter_batches, load_rows, make_batch_sampler, prepare_data, real_token_fraction,
+    LengthGroupedBatches, PadToMaxBatches, PromptTemplate, collate, drop_bad_rows, iter_batches, load_rows,
+    make_batch_sampler, prepare_data, real_token_fraction,
 )
-from train.tokenizer import BaichuanTokenizer
+from train.tokenizer import BaichuanTokenizer, ensure_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "train" / "data" / "bitext_sample.jsonl"
 FIELDS = ("instruction", "category", "intent", "response")  # what the default template uses
 
@@ -275,8 +276,8 @@ def test_sampler_needs_one_full_global_batch():
 # ------------------------------------------------------------------------------ cache, ranks
 def test_second_prepare_reuses_the_cache(tmp_path, tok, monkeypatch):
     calls = []
-    real = data_mod.tokenize_rows
-    monkeypatch.setattr(data_mod, "tokenize_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = cache_mod.tokenize_rows
+    monkeypatch.setattr(cache_mod, "tokenize_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
     cfg = train_cfg(tmp_path)
     first = prepare_data(cfg, tok, tmp_path / "cache", local_rank=0, barrier=no_barrier)
     second = prepare_data(cfg, tok, tmp_path / "cache", local_rank=0, barrier=no_barrier)
@@ -290,8 +291,8 @@ def test_second_prepare_reuses_the_cache(tmp_path, tok, monkeypatch):
 def test_other_local_ranks_wait_then_reuse_rank0s_work(tmp_path, tok, monkeypatch):
     cfg = train_cfg(tmp_path)
     calls, order = [], []
-    real = data_mod.tokenize_rows
-    monkeypatch.setattr(data_mod, "tokenize_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = cache_mod.tokenize_rows
+    monkeypatch.setattr(cache_mod, "tokenize_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
 
     def barrier():  # stands in for dist.barrier: local rank 0 does its work while rank 1 waits here
         order.append("rank 1 waits")

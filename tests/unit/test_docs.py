@@ -5,7 +5,7 @@ from pathlib import Path
 from job.config import JobConfig
 from launcher.docs import BEGIN, END, reference_markdown, rows
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_readme_reference_matches_schema() -> None:

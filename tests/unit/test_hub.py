@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from train.models.baichuan.model import BaichuanConfig, BaichuanForCausalLM, init_weights
+from job.baichuan import BaichuanConfig
+from train.models.baichuan.model import BaichuanForCausalLM, init_weights
 from train.models.baichuan.hub import (
     load_pretrained,
     load_weights_into,
@@ -121,11 +122,11 @@ PUBLISHED = {
     ],
 )
 def test_from_hf_dict_reads_tell_tales(name, position, norm_head):
-    from train.models.baichuan.model import KNOWN_VARIANTS
+    from job.baichuan import VARIANTS
 
     cfg = BaichuanConfig.from_hf_dict(PUBLISHED[name])
     assert (cfg.position, cfg.norm_head) == (position, norm_head)
-    assert cfg == KNOWN_VARIANTS[name]
+    assert cfg == VARIANTS[name]
     # Our export reads back as the same variant.
     assert BaichuanConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
 
@@ -319,9 +320,9 @@ def test_export_accepts_views_and_tied_tensors(tmp_path):
 def test_export_points_at_the_published_remote_code(name: str, repo: str, prefix: str) -> None:
     """An export's config.json and tokenizer_config.json name the published code by hub repo, so
     `from_pretrained(export, trust_remote_code=True)` runs it; the variant still reads back."""
-    from train.models.baichuan.model import KNOWN_VARIANTS, BaichuanConfig
+    from job.baichuan import VARIANTS
 
-    cfg = KNOWN_VARIANTS[name]
+    cfg = VARIANTS[name]
     d = cfg.to_hf_dict()
     assert d["architectures"] == [f"{prefix}ForCausalLM"]
     assert d["auto_map"]["AutoModelForCausalLM"] == f"{repo}--modeling_baichuan.{prefix}ForCausalLM"

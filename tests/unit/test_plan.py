@@ -16,7 +16,7 @@ from job.errors import ConfigError
 from launcher.plan import make_plan, masked_env
 from launcher.shell import shell_command as shell_line
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).parent / "golden"
 LOCAL_ENV = {"NCCL_SOCKET_IFNAME": "eth0", "HF_TOKEN": "hf_secret", "HOME": "/root", "PATH": "/usr/bin", "WANDB_API_KEY": "k"}
 
@@ -130,3 +130,5 @@ def test_per_node_workdir_and_python() -> None:
     plan = make_plan(validate(job), run_id="r", config_path="c.yaml")
     assert plan.nodes[0].argv[0] == "~/venv/bin/python" and plan.nodes[0].workdir == "~/proj"
     assert plan.nodes[1].argv[0] == "/opt/py/bin/python" and "cd /scratch/proj &&" in plan.nodes[1].command()
+    assert [n.python for n in plan.nodes] == ["~/venv/bin/python", "/opt/py/bin/python"]
+    assert plan.resolved is not None and all("python" not in n for n in plan.to_json()["nodes"])

@@ -10,29 +10,28 @@ import sys
 
 import pytest
 
+from job.baichuan import VARIANTS as KNOWN
+from job.baichuan import BaichuanConfig, by_name
 from job.errors import ConfigError
+from job.layout import Layout
 from job.planner import (
     GPU_DEFAULTS,
-    KNOWN,
     ClusterSpec,
-    ModelDims,
     Workload,
     activation_bytes,
     bubble_fraction,
-    by_name,
     collective_seconds,
-    flops_per_token,
     decision_to_dict,
-    format_decision,
     plan_parallel,
     split_layers,
     state_bytes_per_rank,
-    TABLE_COLUMNS,
 )
+from launcher.render import TABLE_COLUMNS, format_decision
 
 B2_13B = KNOWN["baichuan2-13b"]
-ONE_B = ModelDims(n_layers=16, hidden=2048, ffn=5504, heads=16, vocab=64000)
-TINY = ModelDims(n_layers=4, hidden=64, ffn=128, heads=4, vocab=300)
+ONE_B = BaichuanConfig(vocab_size=64000, hidden_size=2048, intermediate_size=5504, num_hidden_layers=16,
+                       num_attention_heads=16)
+TINY = BaichuanConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4)
 
 
 def h100(nnodes: int, gpus: int = 8) -> ClusterSpec:
@@ -50,15 +49,15 @@ def hand_count(h: int, f: int, layers: int, vocab: int) -> int:
 @pytest.mark.parametrize("name", sorted(KNOWN))
 def test_known_param_counts_match_the_hand_formula(name):
     m = KNOWN[name]
-    assert m.n_params == hand_count(m.hidden, m.ffn, m.n_layers, m.vocab)
-    assert m.n_params == sum(math.prod(shape) for _, shape in m.param_shapes())
+    assert m.num_params == hand_count(m.hidden_size, m.intermediate_size, m.num_hidden_layers, m.vocab_size)
+    assert m.num_params == sum(math.prod(shape) for _, shape in m.param_shapes())
 
 
 def test_published_sizes():
-    assert round(KNOWN["baichuan2-13b"].n_params / 1e9, 2) == 13.90
-    assert round(KNOWN["baichuan-13b"].n_params / 1e9, 2) == 13.26
-    assert round(KNOWN["baichuan2-7b"].n_params / 1e9, 2) == 7.51
-    assert round(KNOWN["baichuan-7b"].n_params / 1e9, 2) == 7.00
+    assert round(KNOWN["baichuan2-13b"].num_params / 1e9, 2) == 13.90
+    assert round(KNOWN["baichuan-13b"].num_params / 1e9, 2) == 13.26
+    assert round(KNOWN["baichuan2-7b"].num_params / 1e9, 2) == 7.51
+    assert round(KNOWN["baichuan-7b"].num_params / 1e9, 2) == 7.00
 
 
 @pytest.mark.parametrize("name, key", [
@@ -70,7 +69,6 @@ def test_published_sizes():
 ])
 def test_by_name(name, key):
     assert by_name(name) is KNOWN[key]
-    assert ModelDims.by_name(name) is KNOWN[key]
 
 
 def test_by_name_unknown_is_a_config_error():
@@ -82,12 +80,12 @@ def test_from_hf_config_matches_known_and_reads_position():
     cfg = {"hidden_size": 5120, "intermediate_size": 13696, "num_hidden_layers": 40,
            "num_attention_heads": 40, "vocab_size": 125696, "model_max_length": 4096,
            "z_loss_weight": 0}
-    assert ModelDims.from_hf_config(cfg) == B2_13B
+    assert BaichuanConfig.from_hf_dict(cfg) == B2_13B
     rope = dict(cfg, max_position_embeddings=4096, hidden_size=4096, intermediate_size=11008,
                 num_hidden_layers=32, num_attention_heads=32)
-    assert ModelDims.from_hf_config(rope) == KNOWN["baichuan2-7b"]
-    with pytest.raises(ConfigError, match="vocab_size"):
-        ModelDims.from_hf_config({k: v for k, v in cfg.items() if k != "vocab_size"})
+    assert BaichuanConfig.from_hf_dict(rope) == KNOWN["baichuan2-7b"]
+    with pytest.raises(ValueError, match="vocab_size"):
+        BaichuanConfig.from_hf_dict({k: v for k, v in cfg.items() if k != "vocab_size"})
 
 
 # ---------------------------------------------------------------------------------------
@@ -98,12 +96,12 @@ def test_13b_on_two_h100_nodes_is_sharded_and_ddp_does_not_fit(micro_batch):
     d = plan_parallel(B2_13B, h100(2), Workload(seq_len=2048, micro_batch=micro_batch))
     assert d.chosen is not None and d.chosen.fits
     assert d.chosen.strategy != "ddp"
-    assert d.chosen.degrees.get("shard", 1) > 1 or d.chosen.degrees.get("pp", 1) > 1
+    assert d.chosen.degrees.get("dp_shard", 1) > 1 or d.chosen.degrees.get("pp", 1) > 1
     ddp = [c for c in d.candidates if c.strategy == "ddp"]
     assert ddp and not any(c.fits for c in ddp)
     for c in ddp:
         state = c.memory["params"] + c.memory["grads"] + c.memory["optimizer"]
-        assert state == 16 * B2_13B.n_params  # ≈ 222 GB per replica (212 GB for 13.25 B)
+        assert state == 16 * B2_13B.num_params  # ≈ 222 GB per replica (212 GB for 13.25 B)
         assert 215e9 < state < 225e9
         assert c.verdict.startswith("does not fit: needs")
     assert "ddp" in d.reason and "does not fit" in d.reason
@@ -113,7 +111,7 @@ def test_13b_on_two_h100_nodes_is_sharded_and_ddp_does_not_fit(micro_batch):
 def test_1b_on_one_h100_node_is_ddp():
     d = plan_parallel(ONE_B, h100(1), Workload(seq_len=2048, micro_batch=4))
     assert d.chosen is not None and d.chosen.strategy == "ddp"
-    assert d.chosen.degrees == {"dp": 8} and d.chosen.recompute == "none"
+    assert d.chosen.degrees == {"dp_replicate": 8} and d.chosen.recompute == "none"
 
 
 def test_7b_fits_on_one_80gb_node():
@@ -230,7 +228,7 @@ def test_pp_microbatches_that_do_not_divide_are_reported():
 
 def test_full_recompute_keeps_less_activation_memory_than_none():
     for model in (B2_13B, ONE_B, TINY):
-        layers = range(model.n_layers)
+        layers = range(model.num_hidden_layers)
         none = activation_bytes(model, layers, "none", 2, 1024)
         selective = activation_bytes(model, layers, "selective", 2, 1024)
         full = activation_bytes(model, layers, "full", 2, 1024)
@@ -243,35 +241,35 @@ def test_full_recompute_keeps_less_activation_memory_than_none():
 
 def test_full_recompute_activation_matches_korthikanti_2sbh_per_layer():
     s, b, m = 2048, 1, B2_13B
-    full = activation_bytes(m, range(m.n_layers), "full", b, s)
-    alibi_mask = b * m.heads * s * s * 2
+    full = activation_bytes(m, range(m.num_hidden_layers), "full", b, s)
+    alibi_mask = b * m.num_attention_heads * s * s * 2
     one_layer = activation_bytes(m, range(1), "none", b, s) - alibi_mask
-    assert full - alibi_mask - one_layer == m.n_layers * 2 * s * b * m.hidden
+    assert full - alibi_mask - one_layer == m.num_hidden_layers * 2 * s * b * m.hidden_size
 
 
 def test_flops_per_token_is_palm_without_the_embedding_lookup():
     for m in (B2_13B, ONE_B, TINY):
         s = 2048
-        assert flops_per_token(m, s) == 6 * (m.n_params - m.vocab * m.hidden) + 12 * m.n_layers * m.hidden * s
+        assert m.flops_per_token(s) == 6 * (m.num_params - m.vocab_size * m.hidden_size) + 12 * m.num_hidden_layers * m.hidden_size * s
 
 
 def test_compute_time_is_flops_over_mfu_peak():
     work = Workload(seq_len=2048, grad_accum=2)
     d = plan_parallel(B2_13B, h100(2), work, mfu=0.5)
     fsdp = next(c for c in d.candidates if c.strategy == "fsdp" and c.recompute == "none")
-    expected = 2 * 2048 * flops_per_token(B2_13B, 2048) / (989e12 * 0.5)
+    expected = 2 * 2048 * B2_13B.flops_per_token(2048) / (989e12 * 0.5)
     assert fsdp.step_time["compute"] == pytest.approx(expected)
     full = next(c for c in d.candidates if c.strategy == "fsdp" and c.recompute == "full")
-    layer = 6 * B2_13B.layer_params + 12 * B2_13B.hidden * 2048
+    layer = 6 * B2_13B.layer_params + 12 * B2_13B.hidden_size * 2048
     assert full.step_time["compute"] - fsdp.step_time["compute"] == pytest.approx(
-        2 * 2048 * B2_13B.n_layers * layer / 3 / (989e12 * 0.5))
+        2 * 2048 * B2_13B.num_hidden_layers * layer / 3 / (989e12 * 0.5))
 
 
 def test_more_gpus_never_increase_fsdp_state_per_gpu():
     for model in (B2_13B, TINY):
         previous = None
         for shard in range(1, 70):
-            now = state_bytes_per_rank(model, "fsdp", {"shard": shard})
+            now = state_bytes_per_rank(model, Layout(dp_shard=shard))
             if previous is not None:
                 assert now <= previous
             previous = now
@@ -294,13 +292,13 @@ def test_collectives_use_nvlink_inside_a_node_and_the_nic_across():
 # ---------------------------------------------------------------------------------------
 # How the model is cut
 # ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("model", [TINY, ONE_B, B2_13B, KNOWN["baichuan-7b"]], ids=lambda m: str(m.n_params))
+@pytest.mark.parametrize("model", [TINY, ONE_B, B2_13B, KNOWN["baichuan-7b"]], ids=lambda m: str(m.num_params))
 def test_split_layers_covers_every_layer_once_in_order(model):
-    for pp in range(1, model.n_layers + 1):
+    for pp in range(1, model.num_hidden_layers + 1):
         stages = split_layers(model, pp)
         assert len(stages) == pp
         assert all(len(r) > 0 and r.step == 1 for r in stages)
-        assert stages[0].start == 0 and stages[-1].stop == model.n_layers
+        assert stages[0].start == 0 and stages[-1].stop == model.num_hidden_layers
         assert all(a.stop == b.start for a, b in zip(stages, stages[1:]))
 
 
@@ -316,9 +314,9 @@ def test_split_layers_gives_the_head_stage_fewer_layers_when_the_head_is_big():
     assert len(stages[-1]) < len(stages[0])  # 125,696-row head ≈ 2 layers of work
     # Optimal: no other cut lowers the heaviest stage's params + FLOPs.
     layer = 2 * B2_13B.layer_params
-    first, last = B2_13B.embed_params, 2 * B2_13B.vocab * B2_13B.hidden + B2_13B.hidden
-    cost = lambda k: max(first + k * layer, (B2_13B.n_layers - k) * layer + last)  # noqa: E731
-    assert cost(len(stages[0])) == min(cost(k) for k in range(1, B2_13B.n_layers))
+    first, last = B2_13B.embed_params, 2 * B2_13B.vocab_size * B2_13B.hidden_size + B2_13B.hidden_size
+    cost = lambda k: max(first + k * layer, (B2_13B.num_hidden_layers - k) * layer + last)  # noqa: E731
+    assert cost(len(stages[0])) == min(cost(k) for k in range(1, B2_13B.num_hidden_layers))
 
 
 # ---------------------------------------------------------------------------------------
@@ -326,9 +324,9 @@ def test_split_layers_gives_the_head_stage_fewer_layers_when_the_head_is_big():
 # ---------------------------------------------------------------------------------------
 def test_state_bytes_tiny_ddp():
     n = 300 * 64 + 4 * (4 * 64 * 64 + 3 * 64 * 128 + 2 * 64) + 64 + 300 * 64
-    assert n == TINY.n_params == 202_816
-    assert state_bytes_per_rank(TINY, "ddp", {"dp": 4}) == 16 * n
-    assert state_bytes_per_rank(TINY, "ddp", {"dp": 4}, param_bytes=2, grad_bytes=2,
+    assert n == TINY.num_params == 202_816
+    assert state_bytes_per_rank(TINY, Layout(dp_replicate=4)) == 16 * n
+    assert state_bytes_per_rank(TINY, Layout(dp_replicate=4), param_bytes=2, grad_bytes=2,
                                 optim_bytes=12) == 16 * n
 
 
@@ -343,8 +341,8 @@ def test_state_bytes_tiny_fsdp_pads_dim0_per_tensor():
     per_layer = w_pack + o_proj + gate + up + down + norms
     elems = embed + 4 * per_layer + 22 + embed  # + final norm (64,) + head (300, 64)
     assert elems == 68_294
-    assert state_bytes_per_rank(TINY, "fsdp", {"shard": 3}) == 16 * elems
-    assert state_bytes_per_rank(TINY, "hsdp", {"replicate": 2, "shard": 3}) == 16 * elems
+    assert state_bytes_per_rank(TINY, Layout(dp_shard=3)) == 16 * elems
+    assert state_bytes_per_rank(TINY, Layout(dp_replicate=2, dp_shard=3)) == 16 * elems
 
 
 def test_state_bytes_tiny_pipeline_stages():
@@ -352,21 +350,24 @@ def test_state_bytes_tiny_pipeline_stages():
     layer = 4 * 64 * 64 + 3 * 64 * 128 + 2 * 64
     first = 300 * 64 + 2 * layer
     last = 2 * layer + 64 + 300 * 64
-    degrees = {"pp": 2, "dp": 2}
-    assert state_bytes_per_rank(TINY, "pipeline+ddp", degrees, rank_stage=0) == 16 * first
-    assert state_bytes_per_rank(TINY, "pipeline+ddp", degrees, rank_stage=1) == 16 * last
-    assert state_bytes_per_rank(TINY, "pipeline+ddp", degrees) == 16 * max(first, last)
-    assert state_bytes_per_rank(TINY, "pipeline", {"pp": 2}, rank_stage=0) == 16 * first
+    layout = Layout(dp_replicate=2, pp=2)
+    assert layout.name == "pipeline+ddp"
+    assert state_bytes_per_rank(TINY, layout, rank_stage=0) == 16 * first
+    assert state_bytes_per_rank(TINY, layout, rank_stage=1) == 16 * last
+    assert state_bytes_per_rank(TINY, layout) == 16 * max(first, last)
+    assert state_bytes_per_rank(TINY, Layout(pp=2), rank_stage=0) == 16 * first
     # pipeline+fsdp shards the stage: stage 0 = embed (300→150 rows) + layers 0-1 halved.
     sharded = 150 * 64 + 2 * (96 * 64 + 32 * 64 + 64 * 64 * 2 + 32 * 128 + 2 * 32)
-    assert state_bytes_per_rank(TINY, "pipeline+fsdp", {"pp": 2, "shard": 2}, rank_stage=0) == 16 * sharded
+    assert state_bytes_per_rank(TINY, Layout(dp_shard=2, pp=2), rank_stage=0) == 16 * sharded
 
 
-def test_state_bytes_rejects_mismatched_degrees():
-    with pytest.raises(ValueError):
-        state_bytes_per_rank(TINY, "fsdp", {"dp": 2})
-    with pytest.raises(ValueError):
-        state_bytes_per_rank(TINY, "zero3", {"shard": 2})
+def test_layouts_reject_impossible_degrees():
+    # Degrees are a type now (job.layout.Layout): a mismatched strategy/degree pair cannot be
+    # spelled; what remains to reject is a degree below 1 and tensor parallelism (not built).
+    with pytest.raises(AssertionError):
+        Layout(dp_shard=0)
+    with pytest.raises(AssertionError):
+        Layout(tp=2)
 
 
 # ---------------------------------------------------------------------------------------
@@ -406,7 +407,7 @@ def test_table_rows_and_json():
 
 def test_render_table_uses_rich_lazily():
     pytest.importorskip("rich")
-    from job.planner import render_table
+    from launcher.render import render_table
 
     table = render_table(plan_parallel(TINY, h100(1), Workload(seq_len=64)))
     assert table.row_count >= 1
