@@ -39,9 +39,9 @@ def model_dir_of(cfg: TrainConfig) -> Path | None:
 
 def _built_on_meta(layout: Layout | None) -> bool:
     """Whether this rank builds the model on the meta device and lets the strategy allocate only
-    its part: FSDP/HSDP shards, or a pipeline rank's stages. DDP holds the full model anyway, and
-    a world of 1 has nothing to shard."""
-    return layout is not None and layout.world_size > 1 and layout.strategy in ("fsdp", "hsdp", "pipeline")
+    its part: FSDP/HSDP shards, or a pipeline rank's stages. DDP holds the full model anyway (and
+    every layout of a world of 1 is ddp: nothing to shard)."""
+    return layout is not None and layout.strategy != "ddp"
 
 
 def _ddp_replica(layout: Layout | None) -> bool:
@@ -84,20 +84,18 @@ def build_model(cfg: TrainConfig, vocab_size: int, model_dir: Path | None, devic
         from train.models.baichuan.hub import build_empty_model, checkpoint_weight_files, load_weights_into
 
         try:
+            mcfg = from_model_config(m, hf_config=read_config_json(model_dir))
             if meta:
-                mcfg = from_model_config(m, hf_config=read_config_json(model_dir))
                 checkpoint_weight_files(model_dir)  # a folder without weights fails here, on every rank
                 pending = PendingWeights(model_dir, cfg.seed, mcfg.initializer_range)
             elif _ddp_replica(layout):
                 # DDP broadcasts rank 0's parameters when it wraps the model: the other ranks only
                 # need storage, not a read of the whole checkpoint each (7B: 15 GB per rank).
-                mcfg = from_model_config(m, hf_config=read_config_json(model_dir))
                 checkpoint_weight_files(model_dir)
                 with torch.device("meta"):
                     model = BaichuanForCausalLM(mcfg)
                 model.to_empty(device=device)
             else:
-                mcfg = from_model_config(m, hf_config=read_config_json(model_dir))
                 model = build_empty_model(mcfg, dtype=torch.float32, device=device)
                 load_weights_into(model, model_dir)
         except (FileNotFoundError, ValueError) as e:

@@ -89,8 +89,8 @@ def materialize(module: nn.Module, device: torch.device, offload: OffloadPolicy 
 
 
 class FSDPParallel(Parallelized):
-    """`fsdp` over the ("dp",) mesh, `hsdp` over ("dp_replicate", "dp_shard"). With world size 1
-    (no process group) the model runs unwrapped: there is nothing to shard across."""
+    """`fsdp` over the ("dp",) mesh, `hsdp` over ("dp_replicate", "dp_shard"). Always over at least
+    two ranks: a layout with nothing to shard (`dp_shard == 1`, e.g. one rank) is `ddp`."""
 
     def __init__(self, model: nn.Module, *, layout: Layout, device: torch.device, dp_rank: int,
                  z_loss_weight: float, mp_policy: MixedPrecisionPolicy | None) -> None:
@@ -107,11 +107,8 @@ class FSDPParallel(Parallelized):
     @classmethod
     def build(cls, model: nn.Module, *, layout: Layout, mesh: Any, cfg: "TrainConfig",
               device: torch.device, z_loss_weight: float, arch: ModelParallelism) -> "FSDPParallel":
-        assert layout.strategy in ("fsdp", "hsdp") and layout.pp == 1, layout
+        assert layout.strategy in ("fsdp", "hsdp") and layout.pp == 1 and mesh is not None, layout
         pcfg = cfg.parallel
-        if mesh is None:
-            assert layout.world_size == 1, layout
-            return cls(model, layout=layout, device=device, dp_rank=0, z_loss_weight=z_loss_weight, mp_policy=None)
         mp = mixed_precision_policy(device, pcfg.mixed_precision)
         offload = offload_policy(device, pcfg.cpu_offload)
         apply_fsdp(model, mesh, units=arch.fsdp_units(model), reshard_after_forward=pcfg.reshard_after_forward,
