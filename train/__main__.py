@@ -9,12 +9,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import traceback
 
 from job.config import load_config
 from job.errors import MlaunchError
 from job.markers import STARTED
 from train import distributed as D
+
+#: How long a rank other than 0 waits, after a user error found before the process group, for
+#: rank 0 to report it (torchrun stops every worker once the first one exits).
+PEER_REPORT_GRACE_S = 3.0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,6 +56,12 @@ def main(argv: list[str] | None = None) -> None:
             _record_for_torchrun(e)
             if os.environ.get("MLAUNCH_DEBUG"):
                 traceback.print_exc()
+        elif not D.is_initialized():
+            # Before the process group every rank finds the same config error on its own, and only
+            # rank 0 says it. torchrun SIGTERMs the others as soon as one worker exits: a peer that
+            # got here first must not take rank 0 down while it is still importing torch (before
+            # its signal handler exists), or the one line is lost.
+            time.sleep(PEER_REPORT_GRACE_S)
     except BaseException as e:
         traceback.print_exc()
         _record_for_torchrun(e)
