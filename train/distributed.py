@@ -13,12 +13,15 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from job.errors import ConfigError
+from job.files import publish_file
+from job.markers import CHECKPOINT_REQUEST_VAR
 
 # Worst case a rank waits on its peers: node-local data preparation and tokenizer training run
 # on local rank 0 while the others sit in a barrier.
@@ -154,11 +157,25 @@ def broadcast_object(obj, src: int = 0):
 class StopFlag:
     """Set by SIGTERM (torchrun forwards it to workers on stop) or Ctrl-C (`python -m train` run
     by hand). The loop agrees on it across ranks at the next step boundary, so every rank stops
-    at the same step; a second Ctrl-C interrupts at once."""
+    at the same step; a second Ctrl-C interrupts at once.
+
+    `save_requested` is the other way to stop: the checkpoint request file exists (polled once a
+    step, one stat), and the run checkpoints before it stops."""
 
     def __init__(self) -> None:
         self.requested = False
         self.signum: int | None = None
+        request = os.environ.get(CHECKPOINT_REQUEST_VAR)
+        self.request_file = Path(request) if request else None
+
+    @property
+    def save_requested(self) -> bool:
+        return self.request_file is not None and self.request_file.exists()
+
+    def acknowledge_save(self, step: int) -> None:
+        """Rank 0, once the requested checkpoint is complete: the batch shell then requeues the job."""
+        if self.request_file is not None:
+            publish_file(self.request_file.with_name(self.request_file.name + ".done"), f"{step}\n")
 
     def install(self) -> "StopFlag":
         signal.signal(signal.SIGTERM, self._handle)

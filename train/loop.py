@@ -87,6 +87,7 @@ def train(job: JobConfig, env: DistEnv, layout: Layout, device: torch.device, st
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         step, elapsed_before = state["step"], state["elapsed_s"]
+        par.settle_after_resume()
 
     log = MetricsLogger(out_dir, enabled=env.is_rank0, total_steps=total_steps, start_step=step,
                         tensorboard=cfg.tensorboard)
@@ -117,8 +118,19 @@ def train(job: JobConfig, env: DistEnv, layout: Layout, device: torch.device, st
     window = _Window()
     t_start = time.perf_counter() - elapsed_before  # elapsed_s continues across resumes
     stopped = False
+    saved_step = step  # a resume starts at a complete checkpoint
+
+    def save_checkpoint(position: dict[str, int] | None = None) -> None:
+        nonlocal saved_step
+        trainer_state = {"step": step, "scheduler": scheduler.state_dict(), "sampler": position or sampler.state_dict(),
+                         "elapsed_s": time.perf_counter() - t_start}
+        path = ckpt.save(ckpt_dir, step, par, optimizer, trainer_state, cfg.checkpoint.keep)
+        saved_step = step
+        log.message(f"saved checkpoint {path}")
+
     par.train()
     while step < total_steps:
+        position = sampler.state_dict()  # before this step's batches are drawn: what a save at this boundary records
         chunk = list(itertools.islice(batches_iter, cfg.grad_accum))
         if not chunk:  # epoch done: the sampler has moved on to the next one
             batches_iter = iter(sampler)
@@ -126,13 +138,22 @@ def train(job: JobConfig, env: DistEnv, layout: Layout, device: torch.device, st
         batches = [_collate(data.train, idx, collate_kw) for idx in chunk]
 
         # One all-reduce per step: the token counts that normalise the loss, and the stop flag.
-        n_target, n_real, n_padded, n_seqs, stop_votes = D.all_reduce_counts(
+        n_target, n_real, n_padded, n_seqs, stop_votes, save_votes = D.all_reduce_counts(
             sum(target_tokens(b) for b in batches), sum(int(b["attention_mask"].sum()) for b in batches),
             sum(b["input_ids"].numel() for b in batches), sum(b["input_ids"].shape[0] for b in batches),
-            int(stop.requested))
+            int(stop.requested), int(stop.save_requested))
         if stop_votes > 0:  # any rank asked to stop: all stop at this same step
             stopped = True
             break
+        if save_votes > 0:  # a checkpoint was asked for (Slurm's warning before preemption / time limit)
+            if step > saved_step:
+                save_checkpoint(position)  # the batches drawn for the step not taken are redone
+            if D.is_rank0():
+                stop.acknowledge_save(step)
+            log.message(f"checkpointed at step {step} on request (scheduler warning); stopping: the job "
+                        "requeues and resumes from here")
+            log.close()
+            return 0
         # Ranks of one replica (pipeline stages) counted the same batch: once per replica.
         n_target, n_real, n_padded, n_seqs = (c // replication for c in (n_target, n_real, n_padded, n_seqs))
         loss_scale = par.dp_size / max(n_target, 1)
@@ -181,10 +202,7 @@ def train(job: JobConfig, env: DistEnv, layout: Layout, device: torch.device, st
             log.log({"step": step, "eval_loss": evaluate(par, data.eval, cfg, replication, collate_kw)})
             par.train()
         if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or last:
-            trainer_state = {"step": step, "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
-                             "elapsed_s": time.perf_counter() - t_start}
-            path = ckpt.save(ckpt_dir, step, par, optimizer, trainer_state, cfg.checkpoint.keep)
-            log.message(f"saved checkpoint {path}")
+            save_checkpoint()
         window.t0 += time.perf_counter() - t_aside
 
     if stopped:

@@ -20,26 +20,27 @@ def _exported(run_dir):
     return load_file(str(run_dir / "export" / "model.safetensors"))
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_sigkill_then_resume_is_bit_identical(tmp_path, strategy):
+@pytest.mark.parametrize("strategy,nproc", [("ddp", 2), ("fsdp", 2), ("ddp", 3)])
+def test_sigkill_then_resume_is_bit_identical(tmp_path, strategy, nproc):
     """SIGKILL the whole torchrun job once the checkpoint of step 4 is complete, plant
     half-written checkpoints, resume with `resume: auto`: the final weights equal, bit for bit,
     those of a run that was never interrupted (same seed). Mid-epoch, across epoch ends, with
     gradient accumulation over 2 ranks. Under fsdp the resumed model is built on the meta device
-    and filled from the checkpoint alone (its initial weights are never computed)."""
+    and filled from the checkpoint alone (its initial weights are never computed). Over 3 ranks
+    the all-reduce's summation order shows: DDP's rebuilt bucket layout must be restored too."""
     common = dict(max_steps=40, grad_accum=2, data={"max_rows": 24, "micro_batch_size": 1},
                   checkpoint={"every_steps": 2, "keep": 2}, parallel={"strategy": strategy})
     ref = write_job(tmp_path / "ref", **common)
     crash = write_job(tmp_path / "crash", **common)
     started = time.monotonic()
-    r = run_train(ref, nproc=2, timeout=120)
+    r = run_train(ref, nproc=nproc, timeout=120)
     assert r.returncode == 0, r.stderr
     ref_seconds = time.monotonic() - started
     ref_ckpts = tmp_path / "ref" / "run" / "checkpoints"
     assert sorted(p.name for p in ref_ckpts.iterdir()) == ["step_000038", "step_000040"]  # keep: 2
 
     run_id = uuid.uuid4().hex
-    proc = start_train(crash, nproc=2, run_id=run_id)
+    proc = start_train(crash, nproc=nproc, run_id=run_id)
     ckpt_dir = tmp_path / "crash" / "run" / "checkpoints"
     deadline = time.monotonic() + ref_seconds + 60
     while not (ckpt_dir / "step_000004" / ckpt.MARKER).exists():
@@ -55,7 +56,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, strategy):
     (ckpt_dir / "step_000099.tmp").mkdir()
     (ckpt_dir / "step_000098").mkdir()
     (ckpt_dir / "step_000098" / "__0_0.distcp").write_bytes(b"partial")
-    r = run_train(crash, nproc=2, timeout=120)
+    r = run_train(crash, nproc=nproc, timeout=120)
     assert r.returncode == 0, r.stderr
     resumed = re.search(r"resumed from \S+step_(\d+) at step (\d+)", r.stderr)
     assert resumed and 4 <= int(resumed.group(2)) < 40, r.stderr

@@ -156,6 +156,10 @@ class Parallelized(abc.ABC):
             for name, p in m.named_parameters():
                 yield name.removeprefix("module.").replace("_orig_mod.", ""), p
 
+    def settle_after_resume(self) -> None:
+        """Bring communication state that lives outside the checkpoint to where an uninterrupted
+        run has it at this step (see DDPParallel); nothing for most strategies."""
+
     def train(self, mode: bool = True) -> None:
         for m in self.modules:
             m.train(mode)

@@ -62,6 +62,22 @@ class DDPParallel(Parallelized):
             (loss_sum * loss_scale).backward()
         return loss_sum.detach(), n_tokens
 
+    def settle_after_resume(self) -> None:
+        """DDP rebuilds its gradient buckets once, after the first backward, in the order gradients
+        became ready; that layout decides the order in which the all-reduce sums each element.
+        An uninterrupted run has rebuilt buckets from step 2 on; a resumed one would take its first
+        step on the initial layout and so, with more than 2 replicas, differ in the last bits from
+        then on. One backward on a tiny batch (gradients dropped, no optimizer step) rebuilds them
+        as the uninterrupted run did: the ready order follows the graph, not the data."""
+        if not isinstance(self.wrapped, DDP):
+            return
+        ids = torch.ones((1, 4), dtype=torch.long)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        loss_sum, _ = self.micro_batch_loss(self.wrapped, batch)
+        (loss_sum * 0.0).backward()
+        for p in self.model.parameters():
+            p.grad = None
+
     # State dicts from the bare module: same published names with or without the DDP wrapper.
     def state_dict_module(self) -> nn.Module:
         return self.model
