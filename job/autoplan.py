@@ -45,10 +45,11 @@ def cluster_spec(cfg: JobConfig, *, standalone: bool, gpus: dict[int, int] | Non
     from job import planner
 
     cluster = cfg.cluster
-    nnodes = 1 if standalone or cluster is None else len(cluster.nodes)
+    nnodes = 1 if standalone or cluster is None else cluster.num_nodes
     nproc = cfg.launch.nproc_per_node
     known = [g for g in (gpus or {}).values() if g is not None]
-    declared = [n.gpus for n in cluster.nodes if n.gpus is not None] if cluster else []
+    declared = ([cluster.slurm.gpus_per_node] if cluster and cluster.slurm else
+                [n.gpus for n in cluster.nodes if n.gpus is not None] if cluster else [])
     if isinstance(nproc, int):
         per_node = nproc
     else:

@@ -78,8 +78,41 @@ class GPUSpec(Section):
 DEFAULT_PASSTHROUGH = ["NCCL_*", "GLOO_*", "HF_*", "WANDB_*", "TORCH_*", "PYTORCH_*", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS"]
 
 
+class SlurmConfig(Section):
+    """Nodes allocated by Slurm instead of listed: `mlaunch run` submits one batch job (or, inside an
+    allocation, starts one step) that runs torchrun on every node. sbatch's own environment
+    (`SLURM_CONF`, `SBATCH_*`) applies as it would to a hand-written script."""
+    nodes: int = Field(1, ge=1, description="Nodes to allocate (`#SBATCH --nodes`).")
+    gpus_per_node: int = Field(0, ge=0, description="GPUs per node (`--gpus-per-node`); `launch.nproc_per_node: auto` starts this many ranks per node (1 when 0).")
+    partition: str | None = Field(None, description="`--partition`; default: the cluster's default partition.")
+    account: str | None = Field(None, description="`--account` charged for the job.")
+    qos: str | None = Field(None, description="`--qos`.")
+    time: str | None = Field(None, description="`--time` limit (e.g. `2-00:00:00`); default: the partition's.")
+    constraint: str | None = Field(None, description="`--constraint` node features (e.g. `h100&ib`).")
+    sbatch_args: list[str] = Field(default_factory=list, description="Extra sbatch options, one per `#SBATCH` line (e.g. `--exclusive`, `--mem=0`).")
+    signal_s: int = Field(300, ge=0, description="Seconds before the time limit (or on preemption) that the batch shell is warned (`--signal=B:USR1@N`): every rank then checkpoints at its next step and the job requeues itself. 0 = no warning, no requeue.")
+    max_requeues: int = Field(3, ge=0, description="How often the job may requeue itself after such a checkpoint (Slurm's own requeues, e.g. `scontrol requeue`, are not counted against it).")
+    login: str | None = Field(None, description="Reserved: a login node reached over SSH (not supported yet; run mlaunch on the login node).")
+
+    @field_validator("sbatch_args")
+    @classmethod
+    def _one_option_per_line(cls, v: list[str]) -> list[str]:
+        for arg in v:
+            if "\n" in arg or not arg.strip().startswith("-"):
+                raise ValueError(f"{arg!r}: each entry is one sbatch option starting with `-`, e.g. `--exclusive`")
+        return v
+
+    @field_validator("login")
+    @classmethod
+    def _no_login_yet(cls, v: str | None) -> str | None:
+        if v is not None:
+            raise ValueError("submitting through a login node over SSH is not supported yet; run mlaunch on the login node itself")
+        return v
+
+
 class ClusterConfig(Section):
-    nodes: list[NodeSpec] = Field(description="The nodes, in node-rank order; the first is the rendezvous master unless `launch.rdzv.endpoint` is set.")
+    nodes: list[NodeSpec] = Field(default_factory=list, description="SSH nodes, in node-rank order; the first is the rendezvous master unless `launch.rdzv.endpoint` is set. Or `slurm:` instead.")
+    slurm: SlurmConfig | None = Field(None, description="Let Slurm allocate the nodes (sbatch/srun on this machine, the login node) instead of listing them in `nodes`.")
     ssh: SSHSettings = Field(default_factory=SSHSettings, description="SSH connection settings shared by all nodes.")
     workdir: str = Field("~/mlaunch", description="Directory on every node holding the project (shared filesystem, or the target of `sync`); jobs run from here.")
     python: str = Field("python3", description="Python interpreter on the nodes (torchrun is run as `<python> -m torch.distributed.run`).")
@@ -90,15 +123,12 @@ class ClusterConfig(Section):
     sync_exclude: list[str] = Field(default_factory=list, description="Extra glob patterns not pushed by `sync` (.git, virtualenvs, __pycache__ and run outputs never are).")
     gpu: GPUSpec = Field(default_factory=GPUSpec, description="Hardware facts for the `auto` planner.")
 
-    @field_validator("nodes")
-    @classmethod
-    def _nodes_valid(cls, nodes: list[NodeSpec]) -> list[NodeSpec]:
-        if not nodes:
-            raise ValueError("the node list is empty; add at least one `- host: ...`")
-        return nodes
-
     @model_validator(mode="after")
     def _unique_nodes(self) -> "ClusterConfig":
+        if self.slurm is not None and self.nodes:
+            raise ValueError("has both `nodes` and `slurm`; keep one: listed SSH nodes, or nodes allocated by Slurm")
+        if self.slurm is None and not self.nodes:
+            raise ValueError("the node list is empty; add at least one `- host: ...` under `nodes`, or a `slurm:` section")
         seen: dict[tuple[str, int], int] = {}
         for i, node in enumerate(self.nodes):
             key = (node.host, node.port or self.ssh.port)
@@ -109,6 +139,14 @@ class ClusterConfig(Section):
         if len(set(names)) != len(names):
             raise ValueError("node names are not unique; set `name:` on the nodes that share a host")
         return self
+
+    @property
+    def backend(self) -> Literal["ssh", "slurm"]:
+        return "slurm" if self.slurm is not None else "ssh"
+
+    @property
+    def num_nodes(self) -> int:
+        return self.slurm.nodes if self.slurm is not None else len(self.nodes)
 
     def node_port(self, i: int) -> int:
         return self.nodes[i].port or self.ssh.port

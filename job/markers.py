@@ -12,9 +12,27 @@ from __future__ import annotations
 #: joined the rendezvous; before it, a silent run is still waiting for one.
 STARTED = "MLAUNCH_STARTED="
 
+#: `MLAUNCH_EXIT=<code> <unix time>`: a Slurm task's last line, once its torchrun has ended — which
+#: node failed first, when `--kill-on-bad-exit` then ends the others.
+EXIT = "MLAUNCH_EXIT="
+
 #: Every marker, for the runners to keep them in the logs and off the terminal.
-ALL = (STARTED,)
+ALL = (STARTED, EXIT)
+
+#: The other direction, launcher → ranks: an environment variable naming a file whose appearance
+#: asks every rank to checkpoint at its next step and stop with exit 0 (the Slurm batch shell
+#: creates it on its warning signal, because a signal sent into the step kills torchrun itself);
+#: rank 0 then writes `<file>.done` holding the step.
+CHECKPOINT_REQUEST_VAR = "MLAUNCH_CHECKPOINT_REQUEST"
 
 
 def is_marker(line: str) -> bool:
     return line.startswith(ALL)
+
+#: Phrases of a rank's error that mean a *peer* failed first (gloo / NCCL lost the connection):
+#: that node's failure is an effect, and the node where it began is the one to name.
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "communicator was aborted")
+
+#: torchrun's report of a worker ended by a signal (`exitcode  : -9 (pid: …)`, `failed (exitcode: -9)`):
+#: where a rank was killed, the failure began — even if a sibling's peer error is torchrun's root cause.
+SIGNAL_DEATH = r"exitcode *: *-[0-9]"

@@ -37,16 +37,10 @@ def run(
     """Launch the job: torchrun on every node (or here with --standalone), logs streamed, clean teardown."""
     from job.config import load_config
 
+    from launcher.launch import launch
+
     cfg = load_config(config, set_ or [])
-    if standalone or cfg.cluster is None:
-        from launcher.run import run_standalone
-
-        code = run_standalone(cfg)
-    else:
-        from launcher.cluster_run import run_on_cluster
-
-        code = run_on_cluster(cfg)
-    raise typer.Exit(code)
+    raise typer.Exit(launch(cfg, standalone=standalone))
 
 
 @app.command()

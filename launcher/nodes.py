@@ -10,13 +10,13 @@ import json
 import shlex
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from job.config import ClusterConfig, load_cluster_job
 from job.errors import MlaunchError
+from launcher.fanout import fan_out
 from launcher.shell import job_command, python_command
 
 #: One process per node gathers everything, without importing torch: `import torch` costs 1.5 s
@@ -113,12 +113,18 @@ class NodeReport:
 
 
 def check(path: Path, *, overrides: list[str], as_json: bool, collective: bool) -> int:
-    from launcher import cluster_run, ssh
+    from launcher import ssh
+    from launcher.backends import ssh as ssh_backend
 
     job = load_cluster_job(path, overrides)
     cluster = job.cluster
     assert cluster is not None
-    targets = cluster_run.targets_for(job)
+    if cluster.slurm is not None:
+        from launcher.nodes_slurm import check_slurm
+
+        reports = check_slurm(job, collective=collective)
+        return report(reports, as_json)
+    targets = ssh_backend.targets_for(job)
     names = list(targets)
     reports = {n: NodeReport(n) for n in names}
     conns = ssh.connect_all(targets, max_workers=cluster.ssh.max_parallel)
@@ -177,8 +183,8 @@ def check(path: Path, *, overrides: list[str], as_json: bool, collective: bool) 
             else:
                 rep.add("gpus", True, "none (CPU, gloo)" if not facts.get("gpu_error") else facts["gpu_error"])
 
-        with ThreadPoolExecutor(max_workers=min(cluster.ssh.max_parallel, len(names))) as pool:
-            list(pool.map(probe, names))
+        for name, e in fan_out(lambda n, _: probe(n), dict.fromkeys(names), cluster.ssh.max_parallel).failed.items():
+            reports[name].add("probe", False, f"{type(e).__name__}: {e}", "rerun with MLAUNCH_DEBUG=1 and report it")
 
         _same_torch(reports)
         _check_rendezvous(cluster, names, conns, reports, rdzv_port, targets)
@@ -187,6 +193,10 @@ def check(path: Path, *, overrides: list[str], as_json: bool, collective: bool) 
     finally:
         ssh.close_all(conns)
 
+    return report(reports, as_json)
+
+
+def report(reports: dict[str, NodeReport], as_json: bool) -> int:
     ok = all(r.ok for r in reports.values())
     if as_json:
         print(json.dumps({"ok": ok, "nodes": {n: {"ok": r.ok, "checks": [asdict(c) for c in r.checks], "facts": r.facts}
@@ -223,13 +233,13 @@ def _same_torch(reports: dict[str, NodeReport]) -> None:
 def _check_rendezvous(cluster: ClusterConfig, names: list[str], conns: dict, reports: dict[str, NodeReport], port: int,
                       targets: dict[str, Any]) -> None:
     """The port is free on the master, and every other node reaches it by a real TCP connection."""
-    from launcher import cluster_run
+    from launcher.backends import ssh as ssh_backend
 
     master = names[0]
     mconn = conns[master]
     if isinstance(mconn, Exception) or not reports[master].ok:
         return
-    addr = cluster.nodes[0].addr or cluster_run.resolve_addr(targets[master])
+    addr = cluster.nodes[0].addr or ssh_backend.resolve_addr(targets[master])
     # In a pty, so closing the channel hangs the listener up: the port is free again at once.
     listener = mconn.start("exec " + python_command(cluster.node_python(0), _LISTEN, addr, str(port), "60"), pty=True)
     first = ""
@@ -258,8 +268,8 @@ def _check_rendezvous(cluster: ClusterConfig, names: list[str], conns: dict, rep
             ok = res.exit_code == 0
             reports[name].add("rdzv-reach", ok, f"{addr}:{port} {'reachable' if ok else res.stdout.strip() or 'unreachable'}", fix)
 
-        with ThreadPoolExecutor(max_workers=max(1, min(32, len(names) - 1))) as pool:
-            list(pool.map(dial, names[1:]))
+        for name, e in fan_out(lambda n, _: dial(n), dict.fromkeys(names[1:])).failed.items():
+            reports[name].add("rdzv-reach", False, f"{type(e).__name__}: {e}", "rerun with MLAUNCH_DEBUG=1 and report it")
     finally:
         listener.close()
 
@@ -285,7 +295,7 @@ os._exit(0)
 
 def _collective(job: Any, targets: dict[str, Any], conns: dict, reports: dict[str, NodeReport]) -> None:
     """A tiny all-reduce through torchrun on every node, 1 process each, under a deadline."""
-    from launcher import cluster_run
+    from launcher.backends import ssh as ssh_backend
     from launcher.planning import build_plan
 
     if not all(r.ok for r in reports.values()):
@@ -294,7 +304,7 @@ def _collective(job: Any, targets: dict[str, Any], conns: dict, reports: dict[st
         return
     cfg = job.model_copy(deep=True)
     cfg.launch.nproc_per_node = 1
-    addrs = {i: cluster_run.resolve_addr(t) for i, t in enumerate(targets.values()) if not job.cluster.nodes[i].addr}
+    addrs = {i: ssh_backend.resolve_addr(t) for i, t in enumerate(targets.values()) if not job.cluster.nodes[i].addr}
     the_plan, _ = build_plan(cfg, standalone=False, probe=False, addrs=addrs)
     script = f"/tmp/mlaunch-allreduce-{the_plan.run_id}.py"
     procs = {}
@@ -323,7 +333,8 @@ def _print(reports: dict[str, NodeReport], ok: bool) -> None:
     from rich.table import Table
 
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
-    cols = ["ssh", "python", "torch", "gpus", "cuda", "nccl", "disk", "clock", "rdzv-port", "rdzv-reach", "collective"]
+    cols = ["ssh", "partition", "state", "nodes", "python", "torch", "gpus", "cuda", "nccl", "disk", "clock", "rdzv-port",
+            "rdzv-reach", "collective"]
     present = [c for c in cols if any(ch.name == c for r in reports.values() for ch in r.checks)]
     table = Table(title="nodes check", title_justify="left")
     table.add_column("node")

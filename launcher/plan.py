@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 from job.config import JobConfig
 from job.errors import ConfigError
+from job.markers import CHECKPOINT_REQUEST_VAR
 from launcher.shell import RUN_ID_VAR, job_command
 
 TORCHRUN = ["-m", "torch.distributed.run"]
@@ -66,6 +67,15 @@ class Plan:
     output_dir: str
     resolved: JobConfig = field(compare=False, repr=False)  # what every rank reads
     parallel: dict[str, Any] = field(default_factory=dict)
+    backend: str = "local"  # local | ssh | slurm: which of launcher/backends/ executes it
+    sbatch: str | None = None  # slurm: the batch script submitted as it is
+
+    def sbatch_text(self, mask: bool = False) -> str | None:
+        """The batch script; with `mask`, secret-looking env values shown as ****."""
+        if self.sbatch is None or not mask:
+            return self.sbatch
+        n = self.nodes[0]
+        return self.sbatch.replace(_task_command(n, False), _task_command(n, True))
 
     def to_json(self, mask: bool = True) -> dict[str, Any]:
         nodes = []
@@ -73,7 +83,7 @@ class Plan:
             d = asdict(n)
             del d["python"]  # argv[0] shows it; the printed plan stays as it was
             d["env"] = masked_env(n.env) if mask else dict(n.env)
-            d["command"] = n.command(mask=mask)
+            d["command"] = n.command(mask=mask) if self.backend != "slurm" else _task_command(n, mask)
             nodes.append(d)
         return {
             "job": self.job,
@@ -84,8 +94,16 @@ class Plan:
             "config_path": self.config_path,
             "output_dir": self.output_dir,
             "parallel": self.parallel,
+            "backend": self.backend,
             "nodes": nodes,
+            **({"slurm": {"script": self.sbatch_text(mask)}} if self.sbatch is not None else {}),
         }
+
+
+def _task_command(n: NodePlan, mask: bool) -> str:
+    from launcher.sbatch import task_command
+
+    return task_command(n.argv, masked_env(n.env) if mask else n.env)
 
 
 def is_secret(name: str) -> bool:
@@ -145,6 +163,14 @@ def make_plan(
         return Plan(job, run_id, True, None, [node], nproc, config_path, cfg.train.output_dir, cfg, parallel or {})
 
     cluster = cfg.cluster
+    # The job runs in a pty (so an SSH hangup reaches it) or under srun, and its output becomes
+    # prefixed log lines: no progress-bar redraws.
+    quiet = {"MLAUNCH_NONINTERACTIVE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+    env_common = {**quiet, **passthrough_env(cluster.env_passthrough, local_env), **cluster.env, **base_env}
+    if cluster.slurm is not None:
+        return _slurm_plan(cfg, job=job, run_id=run_id, config_path=config_path, env=env_common,
+                           head=[python or cluster.python, *TORCHRUN], tail=[*ranks_filter, *train_args],
+                           parallel=parallel or {})
     addrs = addrs or {}
     node_addr = {i: n.addr or addrs.get(i) or n.host for i, n in enumerate(cluster.nodes)}
     nnodes = launch.nnodes or str(len(cluster.nodes))
@@ -161,10 +187,6 @@ def make_plan(
     if rdzv_cfg.backend == "static" and lo != hi:
         raise ConfigError("launch.nnodes MIN:MAX (elastic) needs launch.rdzv.backend: c10d; static rendezvous has a fixed size")
 
-    # The job runs in a pty (so an SSH hangup reaches it) but its output becomes prefixed log
-    # lines: no progress-bar redraws.
-    quiet = {"MLAUNCH_NONINTERACTIVE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
-    env_common = {**quiet, **passthrough_env(cluster.env_passthrough, local_env), **cluster.env, **base_env}
     nodes = []
     world = 0
     for i, spec in enumerate(cluster.nodes):
@@ -186,7 +208,44 @@ def make_plan(
         nodes.append(NodePlan(i, cluster.node_name(i), spec.host, cluster.node_port(i), spec.user or cluster.ssh.user,
                               node_addr[i], cluster.node_workdir(i), nproc, why, node_python, argv, dict(env_common),
                               cluster.setup))
-    return Plan(job, run_id, False, rdzv, nodes, world, config_path, cfg.train.output_dir, cfg, parallel or {})
+    return Plan(job, run_id, False, rdzv, nodes, world, config_path, cfg.train.output_dir, cfg, parallel or {}, "ssh")
+
+
+def _slurm_plan(cfg: JobConfig, *, job: str, run_id: str, config_path: str, env: dict[str, str],
+                head: list[str], tail: list[str], parallel: dict[str, Any]) -> Plan:
+    """Nodes that Slurm allocates: one NodePlan per node index (hosts are known once the job runs),
+    all running the same command, whose rendezvous and addresses the batch shell fills in."""
+    from launcher import sbatch
+
+    cluster, launch = cfg.cluster, cfg.launch
+    assert cluster is not None and cluster.slurm is not None
+    slurm = cluster.slurm
+    if launch.nnodes and launch.nnodes != str(slurm.nodes):
+        raise ConfigError(f"launch.nnodes={launch.nnodes} with cluster.slurm.nodes={slurm.nodes}: Slurm allocates "
+                          "a fixed number of nodes; drop launch.nnodes or make them equal")
+    if launch.rdzv.backend != "c10d" or launch.rdzv.endpoint:
+        raise ConfigError("on Slurm the rendezvous is c10d on the first allocated node; drop launch.rdzv.backend/endpoint")
+    if cluster.sync:
+        raise ConfigError("cluster.sync pushes code to SSH nodes; Slurm nodes share the filesystem the job is submitted from: drop sync")
+    nproc, why = _nproc(launch.nproc_per_node, None, slurm.gpus_per_node)
+    if not isinstance(launch.nproc_per_node, int):
+        why = f"auto: cluster.slurm.gpus_per_node = {slurm.gpus_per_node}" + ("" if slurm.gpus_per_node else ", 1 process (CPU)")
+    # workdir: the submit directory unless set (sbatch's default, and where relative paths point).
+    workdir = cluster.workdir if "workdir" in cluster.model_fields_set else None
+    env = {**env, CHECKPOINT_REQUEST_VAR: f"{cfg.train.output_dir.rstrip('/')}/{sbatch.CHECKPOINT_REQUEST}"}
+    endpoint = f"{sbatch.RDZV_ADDR}:{sbatch.RDZV_PORT}"
+    argv = [*head, "--nnodes", str(slurm.nodes), "--nproc-per-node", str(nproc),
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", sbatch.JOB_ID,
+            "--rdzv-conf", f"join_timeout={launch.rdzv.join_timeout_s},is_host={sbatch.IS_HOST}",
+            "--local-addr", sbatch.NODE_ADDR,
+            "--max-restarts", str(launch.max_restarts), "--monitor-interval", _num(launch.monitor_interval_s), *tail]
+    rdzv = Rendezvous("c10d", endpoint, sbatch.JOB_ID, str(slurm.nodes), sbatch.RDZV_ADDR, launch.rdzv.port)
+    nodes = [NodePlan(i, f"slurm-node-{i}", "(allocated by Slurm)", 0, None, sbatch.NODE_ADDR, workdir or ".", nproc, why,
+                      head[0], argv, dict(env), cluster.setup) for i in range(slurm.nodes)]
+    text = sbatch.script(slurm, job_name=job, run_id=run_id, nodes=slurm.nodes, output_dir=cfg.train.output_dir,
+                         workdir=workdir, argv=argv, env=env, setup=cluster.setup, rdzv_port_base=launch.rdzv.port)
+    return Plan(job, run_id, False, rdzv, nodes, nproc * slurm.nodes, config_path, cfg.train.output_dir, cfg, parallel,
+                "slurm", text)
 
 
 def _nproc(setting: int | str, probed: int | None, declared: int | None) -> tuple[int, str]:

@@ -19,17 +19,19 @@ def print_plan(plan: Plan, cfg: JobConfig, decision: Any) -> None:
 
     # Piped output gets a wide console: commands and table cells must not be cut at 80 columns.
     console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
-    mode = "standalone (this machine)" if plan.standalone else f"{len(plan.nodes)} node(s) over SSH"
+    mode = ("standalone (this machine)" if plan.standalone else
+            f"{len(plan.nodes)} node(s) allocated by Slurm" if plan.backend == "slurm" else f"{len(plan.nodes)} node(s) over SSH")
     console.print(f"[bold]{plan.job}[/bold]  run id {plan.run_id}  ·  {mode}  ·  world size {plan.world_size}")
     if plan.rendezvous:
         r = plan.rendezvous
-        console.print(f"rendezvous: {r.backend} at {r.endpoint} (id {r.id}, nnodes {r.nnodes}); "
-                      f"endpoint = {'launch.rdzv.endpoint' if cfg.launch.rdzv.endpoint else 'first node address'}")
+        where = ("first allocated node's NodeAddr, port launch.rdzv.port + job id % 1000" if plan.backend == "slurm" else
+                 "launch.rdzv.endpoint" if cfg.launch.rdzv.endpoint else "first node address")
+        console.print(f"rendezvous: {r.backend} at {r.endpoint} (id {r.id}, nnodes {r.nnodes}); endpoint = {where}")
     table = Table(title="nodes", title_justify="left")
     for col in ("rank", "node", "ssh", "addr", "nproc", "why"):
         table.add_column(col)
     for n in plan.nodes:
-        ssh = "-" if plan.standalone else f"{n.user + '@' if n.user else ''}{n.host}:{n.port}"
+        ssh = "-" if plan.standalone or plan.backend == "slurm" else f"{n.user + '@' if n.user else ''}{n.host}:{n.port}"
         table.add_row(str(n.node_rank), n.name, ssh, n.addr, str(n.nproc_per_node), n.nproc_source)
     console.print(table)
     par = plan.parallel
@@ -50,6 +52,11 @@ def print_plan(plan: Plan, cfg: JobConfig, decision: Any) -> None:
             console.print(f"[bold red]warning:[/bold red] {line}: predicted NOT to fit; "
                           "`train.parallel.strategy: auto` picks a layout that does")
     console.print(f"every rank reads: {plan.config_path}   outputs: {plan.output_dir}/")
+    if plan.sbatch is not None:
+        # Exactly what `mlaunch run` submits (secret-looking values masked here only).
+        console.print(f"[bold]sbatch script[/bold] (written to {plan.output_dir}/slurm/, submitted with `sbatch --parsable`):")
+        console.print(plan.sbatch_text(mask=True), markup=False, end="")
+        return
     console.print("[bold]commands[/bold] (secret-looking env values masked):")
     for n in plan.nodes:
         console.print(f"[cyan]# {n.name}[/cyan]", markup=True)

@@ -1,8 +1,9 @@
-"""Shared pytest set-up: the sshd "nodes" plugin, and each test's tier marked from its folder.
+"""Shared pytest set-up: the sshd "nodes" and Slurm cluster plugins, and each test's tier marked from its folder.
 
     tests/unit/  pure, seconds long: `pytest tests/unit` is the inner loop
     tests/dist/  real torchrun/gloo workers; `python -m train`, `mlaunch run --standalone` end to end -> slow
     tests/ssh/   real OpenSSH sshd "nodes" on loopback (tests/sshd.py)                    -> ssh, slow
+    tests/slurm/ a real Slurm cluster (munged + slurmctld + slurmd per node) on this machine (tests/slurmd.py) -> slurm, slow
     tests/gpu/   needs a CUDA GPU; deselected by default (`addopts = -m 'not gpu'`)       -> gpu
 
 Files do not mark their own tier: the folder is the tier. Shared helpers live in tests/helpers.py.
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.sshd"]
+pytest_plugins = ["tests.sshd", "tests.slurmd"]
 
 TESTS = Path(__file__).resolve().parent
 
@@ -23,6 +24,7 @@ TIER_MARKS: dict[str, tuple[str, ...]] = {
     "unit": (),
     "dist": ("slow",),
     "ssh": ("ssh", "slow"),
+    "slurm": ("slurm", "slow"),
     "gpu": ("gpu",),
 }
 

@@ -159,6 +159,16 @@ def kill_run(proc: subprocess.Popen, run_id: str, sig: int = signal.SIGKILL) -> 
             pass
 
 
+def wait_until(pred: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
+    """Poll `pred` until it holds or `timeout` s pass; its last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return pred()
+
+
 def wait_gone(run_id: str, timeout: float = 10) -> None:
     """Wait until no process of the run is left (SIGKILLed workers take a moment to be reaped)."""
     deadline = time.monotonic() + timeout

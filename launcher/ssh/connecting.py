@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shlex
 import socket
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Iterable, Mapping
 
@@ -212,16 +211,9 @@ def connect_all(
     assert len(set(names)) == len(names), f"duplicate node names: {names}"
     if not items:
         return {}
-    results: dict[str, Connection | Exception] = {}
-    workers = max(1, min(max_workers, len(items)))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mlaunch-ssh") as pool:
-        futures = {name: pool.submit(connect, t) for name, t in items}
-        for name, fut in futures.items():
-            try:
-                results[name] = fut.result()
-            except Exception as e:  # one node's failure must not hide the others'
-                results[name] = e
-    return results
+    from launcher.fanout import fan_out
+
+    return dict(fan_out(lambda _name, t: connect(t), dict(items), max_workers).results)  # type: ignore[arg-type]
 
 
 def check_connected(results: Mapping[str, Connection | Exception]) -> dict[str, Connection]:

@@ -31,7 +31,7 @@ import pytest
 import yaml
 
 import tests.sshd
-from tests.helpers import tiny_tokenizer
+from tests.helpers import tiny_tokenizer, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 MLAUNCH = [sys.executable, "-m", "launcher.cli"]
@@ -65,15 +65,6 @@ def cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
         return "?"
-
-
-def wait_until(cond: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(interval)
-    return cond()
 
 
 def free_port(host: str) -> int:
@@ -380,7 +371,7 @@ def test_two_nodes_sync_into_own_workdirs(tmp_path, ssh_cluster, tokenizer, laun
     for node in nodes:
         wd = Path(node.workdir)
         assert f"{node.host}: synced" in run.stderr
-        for rel in ("launcher/cluster_run.py", "train/__main__.py", "train/data/bitext_sample.jsonl",
+        for rel in ("launcher/backends/ssh.py", "train/__main__.py", "train/data/bitext_sample.jsonl",
                     f"{envs_in_project}/kept.txt"):
             assert (wd / rel).read_bytes() == (ROOT / rel).read_bytes(), f"{rel} did not arrive on {node.host}"
         pushed = {p.relative_to(wd).as_posix() for p in wd.rglob("*")}

@@ -19,20 +19,11 @@ import pytest
 
 from launcher import shell, ssh
 from job.errors import ConfigError, MlaunchError
-from tests.helpers import ECHO_BACK, NASTY
+from tests.helpers import ECHO_BACK, NASTY, wait_until
 
 
 def _run_id() -> str:
     return "test-" + uuid.uuid4().hex[:12]
-
-
-def _wait_until(pred, timeout: float, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
 
 
 def _alive(pid: int) -> bool:
@@ -259,7 +250,7 @@ def test_closing_pty_channel_ends_remote_job(ssh_cluster):
         assert pid in ssh.list_run_processes(c, run_id)
         assert job.poll() is None
         job.close()
-        assert _wait_until(lambda: not ssh.list_run_processes(c, run_id), 5), "job survived hangup"
+        assert wait_until(lambda: not ssh.list_run_processes(c, run_id), 5), "job survived hangup"
     assert not _alive(pid)
 
 

@@ -3,18 +3,14 @@ root-cause error file, never the wording of a log sentence."""
 
 from __future__ import annotations
 
-import collections
-import io
 import json
-import threading
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-from job.markers import STARTED, is_marker
-from launcher import cluster_run
-from launcher.run import _user_error
+from job.markers import EXIT, STARTED, is_marker
+from launcher.backends.local import user_error as _user_error
+from tests.unit.test_supervisor import ListJob, supervise
 
 
 def error_file(tmp_path: Path, message) -> Path:
@@ -39,15 +35,13 @@ def test_no_user_error_for_a_crash_a_signal_or_no_file(tmp_path: Path) -> None:
     assert _user_error(tmp_path / "bad.json") is None
 
 
-def test_started_marker_is_recorded_and_kept_off_the_terminal(capsys) -> None:
-    lines = ["node ready in /w", f"{STARTED}4", "ddp on 4 rank(s) (cpu)"]
-    assert [is_marker(x) for x in lines] == [False, True, False]
-    log = io.StringIO()
-    job = SimpleNamespace(proc=SimpleNamespace(lines=lambda: iter(lines), exit_status=lambda timeout: 0),
-                          tail=collections.deque(maxlen=20), log=log, started=False, exit_code=None, dropped=False,
-                          last_output=0.0, conn=SimpleNamespace(is_active=True))
-    cluster_run._read(job, "n0 | ", threading.Lock(), threading.Event(), threading.Event())
-    assert job.started and job.exit_code == 0
-    assert list(job.tail) == [lines[0], lines[2]]
-    assert log.getvalue().splitlines() == lines  # the log keeps every line
-    assert STARTED not in capsys.readouterr().out
+def test_markers_are_recorded_and_kept_off_the_terminal(tmp_path: Path, capsys) -> None:
+    lines = ["node ready in /w", f"{STARTED}4", "ddp on 4 rank(s) (cpu)", f"{EXIT}0 1700000000.0"]
+    assert [is_marker(x) for x in lines] == [False, True, False, True]
+    job = ListJob(tmp_path, {"n0": (lines, 0)})
+    sup, code = supervise(tmp_path, job)
+    assert code == 0 and sup.started
+    assert list(sup.nodes["n0"].tail) == [lines[0], lines[2]]
+    assert (tmp_path / "logs" / "n0.log").read_text().splitlines() == lines  # the log keeps every line
+    out = capsys.readouterr().out
+    assert STARTED not in out and EXIT not in out and "n0 | ddp on 4 rank(s)" in out

@@ -132,3 +132,78 @@ def test_per_node_workdir_and_python() -> None:
     assert plan.nodes[1].argv[0] == "/opt/py/bin/python" and "cd /scratch/proj &&" in plan.nodes[1].command()
     assert [n.python for n in plan.nodes] == ["~/venv/bin/python", "/opt/py/bin/python"]
     assert plan.resolved is not None and all("python" not in n for n in plan.to_json()["nodes"])
+
+
+def slurm_job(**slurm) -> dict:
+    return {
+        "name": "sl",
+        "cluster": {"slurm": {"nodes": 4, "gpus_per_node": 8, "partition": "gpu", "account": "proj", "qos": "high",
+                              "time": "1-00:00:00", "constraint": "h100", "sbatch_args": ["--exclusive"], **slurm},
+                    "python": "~/venv/bin/python", "setup": "source ~/venv/bin/activate",
+                    "env": {"DB_PASSWORD": "hunter2"}},
+        "launch": {"nproc_per_node": "auto"},
+        "train": {"model": {"name_or_path": "baichuan-inc/Baichuan2-13B-Base"}, "output_dir": "runs/sl"},
+    }
+
+
+def test_slurm_plan_is_the_sbatch_script_it_submits(tmp_path: Path) -> None:
+    cfg = validate(slurm_job())
+    plan = make_plan(cfg, run_id="sl-run", config_path="runs/sl/config.yaml", local_env=LOCAL_ENV)
+    assert plan.backend == "slurm" and plan.world_size == 32 and len(plan.nodes) == 4
+    assert {n.nproc_per_node for n in plan.nodes} == {8}  # auto = gpus_per_node
+    script = plan.sbatch
+    for line in ["#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=gpu", "#SBATCH --account=proj", "#SBATCH --qos=high", "#SBATCH --time=1-00:00:00",
+                 "#SBATCH --constraint=h100", "#SBATCH --exclusive", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@300"]:
+        assert line in script.splitlines(), line
+    # The rendezvous: c10d, id = the job id, a port from the job id, the host said explicitly.
+    assert '--rdzv-id "${SLURM_JOB_ID}"' in script and "is_host=${MLAUNCH_IS_HOST}" in script
+    assert "MLAUNCH_RDZV_PORT=$(( 29400 + SLURM_JOB_ID % 1000 ))" in script
+    assert "srun --kill-on-bad-exit=1" in script and "hunter2" in script
+    masked = plan.to_json(mask=True)
+    assert masked["backend"] == "slurm" and "hunter2" not in json.dumps(masked)
+    shown = masked["slurm"]["script"]
+    assert "DB_PASSWORD='****'" in shown and "hf_secret" not in shown
+    assert [a for a in shown.splitlines() if "****" not in a] == [a for a in script.splitlines() if "hunter2" not in a]
+    # bash parses it, and the batch shell's task function is what srun runs on every node.
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+
+
+def test_slurm_config_errors_are_one_line() -> None:
+    both = slurm_job()
+    both["cluster"]["nodes"] = [{"host": "a"}]
+    with pytest.raises(ConfigError, match="both `nodes` and `slurm`"):
+        validate(both)
+    with pytest.raises(ConfigError, match="sbatch option"):
+        validate(slurm_job(sbatch_args=["exclusive"]))
+    cfg = validate({**slurm_job(), "launch": {"nnodes": "2"}})
+    with pytest.raises(ConfigError, match="Slurm allocates a fixed number of nodes"):
+        make_plan(cfg, run_id="r", config_path="c.yaml")
+
+
+def test_cli_plan_json_for_slurm_needs_no_network(tmp_path: Path) -> None:
+    path = tmp_path / "sl.yaml"
+    path.write_text(json.dumps(slurm_job()))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
+    env["PATH"] = "/nonexistent"  # no sbatch, no scontrol: planning asks no one
+    res = subprocess.run([sys.executable, "-m", "launcher.cli", "plan", str(path), "--json"], capture_output=True,
+                         text=True, env=env, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert data["backend"] == "slurm" and data["slurm"]["script"].startswith("#!/bin/bash")
+    assert data["parallel"]["strategy"]
+
+
+def test_run_without_slurm_tools_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "sl.yaml"
+    path.write_text(json.dumps(slurm_job()))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
+    env["PATH"] = "/nonexistent"
+    res = subprocess.run([sys.executable, "-m", "launcher.cli", "run", str(path)], capture_output=True, text=True,
+                         env=env, cwd=tmp_path)
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines() == [
+        "mlaunch: error: sbatch, srun, scontrol, scancel not found on PATH: run mlaunch on a Slurm login node, or "
+        "install Slurm's client commands (Debian: `apt install slurm-client`; HPC sites: `module load slurm`)"]

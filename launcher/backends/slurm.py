@@ -1,0 +1,384 @@
+"""The Slurm backend: nodes come from an allocation, not a list. On a login node `mlaunch run`
+writes the plan's batch script to `<output_dir>/slurm/`, submits it (`sbatch --parsable`) and
+follows the job (pending → running → requeued → … → done) through `scontrol show job`; inside an
+existing allocation (`salloc`, or the user's own sbatch script: `SLURM_JOB_ID` is set) it runs the
+same script directly, whose `srun` then starts one step in that allocation.
+
+The nodes write their own logs (`<output_dir>/logs/<node>.log`, on the filesystem that login and
+compute nodes share, as on every Slurm cluster); the workers here follow those files, so a
+requeued job's output continues in the same stream. Stopping is `scancel`: Slurm ends every
+process of the job on every node.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from job.config import JobConfig
+from job.errors import MlaunchError
+from job.markers import EXIT, SIGNAL_DEATH
+from launcher.backends.base import Backend, Job, NodeOutcome, Worker
+from launcher.backends.local import lost_a_peer, user_error
+from launcher.console import say
+from launcher.plan import Plan
+from launcher.planning import write_resolved_config
+
+POLL_S = 1.0
+TAIL_S = 0.2
+_CMD_TIMEOUT_S = 30.0
+
+#: Job states after which nothing more happens (REQUEUED / PREEMPTED go back to PENDING).
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                "DEADLINE", "SPECIAL_EXIT", "REVOKED"}
+
+#: Pending reasons that cannot clear by waiting, and how to fix each. sbatch accepts such jobs
+#: (`-N3` on a 2-node partition pends forever as PartitionNodeLimit): they are cancelled at once.
+HOPELESS = {
+    "PartitionNodeLimit": "more nodes than the partition allows: lower cluster.slurm.nodes or pick another cluster.slurm.partition (`sinfo -s`)",
+    "PartitionTimeLimit": "cluster.slurm.time exceeds the partition's limit: lower it (`sinfo -o '%P %l'`)",
+    "PartitionConfig": "the partition cannot run this job as asked (nodes, GPUs, features): lower cluster.slurm.nodes / gpus_per_node or pick another partition (`sinfo -s`)",
+    "BadConstraints": "no node has those features or GPUs: check cluster.slurm.constraint / gpus_per_node against `sinfo -o '%N %f %G'`",
+    "InvalidAccount": "set cluster.slurm.account to an account you belong to (`sacctmgr show assoc user=$USER`)",
+    "InvalidQOS": "set cluster.slurm.qos to a QOS your account may use",
+    "AccountNotAllowed": "this account may not use the partition: change cluster.slurm.account or partition",
+    "QOSNotAllowed": "this QOS may not use the partition: change cluster.slurm.qos or partition",
+    "QOSMaxNodePerJobLimit": "more nodes than the QOS allows per job: lower cluster.slurm.nodes or change qos",
+    "QOSMaxWallDurationPerJobLimit": "cluster.slurm.time exceeds the QOS's limit: lower it",
+    "AssocMaxNodesPerJobLimit": "more nodes than your association allows per job: lower cluster.slurm.nodes",
+    "AssocMaxWallDurationPerJobLimit": "cluster.slurm.time exceeds your association's limit: lower it",
+}
+
+_TOOLS = ("sbatch", "srun", "scontrol", "scancel")
+
+
+def require_tools(names: tuple[str, ...] = _TOOLS) -> None:
+    missing = [t for t in names if shutil.which(t) is None]
+    if missing:
+        raise MlaunchError(f"{', '.join(missing)} not found on PATH: run mlaunch on a Slurm login node, or install "
+                           "Slurm's client commands (Debian: `apt install slurm-client`; HPC sites: `module load slurm`)")
+
+
+def slurm_cmd(*argv: str, timeout: float = _CMD_TIMEOUT_S, check: bool = False) -> subprocess.CompletedProcess:
+    """A Slurm client command with this environment (SLURM_CONF, SBATCH_* and all)."""
+    try:
+        res = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise MlaunchError(f"`{' '.join(argv[:3])}` did not answer within {timeout:g}s: is slurmctld up (`scontrol ping`)?") from None
+    except FileNotFoundError:
+        require_tools((argv[0],))
+        raise
+    if check and res.returncode != 0:
+        raise MlaunchError(f"`{' '.join(argv[:3])}` failed: {first_line(res.stderr) or f'exit {res.returncode}'}")
+    return res
+
+
+def first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def job_info(job_id: str) -> dict[str, str] | None:
+    """`scontrol show job -o`, as key → value; None once the job is gone from the controller."""
+    res = slurm_cmd("scontrol", "show", "job", "-o", job_id)
+    if res.returncode != 0:
+        if "Invalid job id" in res.stderr:
+            return None
+        raise MlaunchError(f"`scontrol show job {job_id}` failed: {first_line(res.stderr)}")
+    return parse_fields(res.stdout)
+
+
+def parse_fields(line: str) -> dict[str, str]:
+    """`Key=Value Key2=Value with spaces ...` (scontrol's one-line form) as a dict."""
+    fields: dict[str, str] = {}
+    for m in re.finditer(r"(?:^|\s)([A-Za-z][A-Za-z0-9_:/]*)=(.*?)(?=\s+[A-Za-z][A-Za-z0-9_:/]*=|\s*$)", line.strip()):
+        fields.setdefault(m.group(1), m.group(2))
+    return fields
+
+
+def _partition_facts(info: dict[str, str]) -> str:
+    """`; asks 3 node(s), partition debug has 2`: the numbers behind a partition reason."""
+    part = info.get("Partition", "")
+    res = slurm_cmd("scontrol", "show", "partition", "-o", part) if part else None
+    if res is None or res.returncode != 0:
+        return ""
+    total = parse_fields(res.stdout).get("TotalNodes")
+    return f"; asks {info.get('NumNodes', '?').split('-')[0]} node(s), partition {part} has {total}" if total else ""
+
+
+def hostnames(nodelist: str) -> list[str]:
+    """`node[1-3],gpu7` → the node names, in the allocation's (SLURM_NODEID) order."""
+    if not nodelist or nodelist in ("(null)", "None"):
+        return []
+    return slurm_cmd("scontrol", "show", "hostnames", nodelist, check=True).stdout.split()
+
+
+class SlurmBackend(Backend):
+    name = "slurm"
+
+    def __init__(self, cfg: JobConfig) -> None:
+        super().__init__(cfg)
+        #: Inside an allocation (salloc, or the user's own batch script): start a step there.
+        self.allocation = os.environ.get("SLURM_JOB_ID")
+
+    def provision(self):  # type: ignore[override]
+        require_tools(("srun", "scontrol") if self.allocation else _TOOLS)
+        if self.allocation:
+            want = self.cfg.cluster.slurm.nodes  # type: ignore[union-attr]
+            have = int(os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or want)
+            if have < want:
+                raise MlaunchError(f"inside allocation {self.allocation} of {have} node(s), but cluster.slurm.nodes={want}; "
+                                   f"allocate {want} (`salloc -N {want}`) or lower cluster.slurm.nodes")
+        return super().provision()
+
+    def setup(self, plan: Plan) -> None:
+        out = Path(plan.output_dir)
+        for sub in ("logs", "slurm"):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+        for stale in (out / "logs").glob("torchrun-error-*.json"):
+            stale.unlink()  # an earlier run's failure is not this one's
+        write_resolved_config(plan.resolved, Path(plan.config_path))
+        assert plan.sbatch is not None
+        self.script = out / "slurm" / f"{plan.run_id}.sbatch"
+        self.script.write_text(plan.sbatch)
+
+    def start(self, plan: Plan) -> Job:
+        out = Path(plan.output_dir)
+        # Follow the nodes' logs from where they are now: an earlier run's lines are not this one's.
+        offsets = {p.stem: p.stat().st_size for p in (out / "logs").glob("*.log")}
+        if self.allocation:
+            # The batch script is plain bash: run here, its srun is one step of this allocation.
+            proc = subprocess.Popen(["bash", str(self.script)], stdin=subprocess.DEVNULL, start_new_session=True,
+                                    stdout=open(out / "slurm" / f"slurm-{self.allocation}.out", "ab"), stderr=subprocess.STDOUT)
+            say(f"inside allocation {self.allocation}: starting the job as a step (script {self.script})")
+            return SlurmJob(plan, self.allocation, offsets, step=proc)
+        res = slurm_cmd("sbatch", "--parsable", str(self.script), timeout=60)
+        if res.returncode != 0:
+            why = first_line(res.stderr).removeprefix("sbatch: error: ") or f"exit {res.returncode}"
+            raise MlaunchError(f"sbatch rejected the job: {why} "
+                               f"(script {self.script}; `mlaunch plan` shows it)", exit_code=2)
+        job_id = res.stdout.strip().split(";")[0]
+        say(f"submitted batch job {job_id} (script {self.script}); Ctrl-C cancels it")
+        return SlurmJob(plan, job_id, offsets)
+
+    def describe(self, plan: Plan) -> str:
+        s = plan.resolved.cluster.slurm  # type: ignore[union-attr]
+        return (f"{s.nodes} Slurm node(s){f' in partition {s.partition}' if s.partition else ''}, world size "
+                f"{plan.world_size}, strategy {plan.parallel.get('strategy')}")
+
+
+class SlurmWorker(Worker):
+    """Follows one node's log file (written by the node itself) until the job is over."""
+
+    def __init__(self, name: str, path: Path, offset: int, job: "SlurmJob") -> None:
+        self.name, self.path, self.offset, self.job = name, path, offset, job
+        self.log_path = None
+        self.markers: list[tuple[float, int, int]] = []  # (time, code, restart) of each task end seen
+        self.signalled: set[int] = set()  # restarts in which torchrun reported a rank ended by a signal
+
+    def lines(self) -> Iterator[str]:
+        buf = b""
+        f = None
+        try:
+            while True:
+                over = self.job.over.is_set()  # read before the last drain: nothing is missed
+                if f is None and self.path.exists():
+                    f = open(self.path, "rb")
+                    f.seek(self.offset)
+                chunk = f.read() if f is not None else b""
+                if chunk:
+                    buf += chunk
+                    *complete, buf = buf.split(b"\n")
+                    for raw in complete:
+                        line = raw.decode(errors="replace")
+                        if line.startswith(EXIT):
+                            self._marker(line)
+                        elif re.search(SIGNAL_DEATH, line):
+                            self.signalled.add(self.job.restarts)
+                        yield line
+                    continue
+                if over:
+                    if buf:
+                        yield buf.decode(errors="replace")
+                    return
+                time.sleep(TAIL_S)
+        finally:
+            if f is not None:
+                f.close()
+
+    def _marker(self, line: str) -> None:
+        parts = line[len(EXIT):].split()
+        try:
+            code, at, restart = int(parts[0]), float(parts[1]), int(parts[2]) if len(parts) > 2 else 0
+        except (IndexError, ValueError):
+            return
+        self.markers.append((at, code, restart))
+
+    def outcome(self) -> NodeOutcome:
+        # Only the last attempt counts: an earlier one was requeued, not failed.
+        mine = [m for m in self.markers if m[2] == self.job.restarts]
+        if not mine:
+            return NodeOutcome()  # killed with the job (kill-on-bad-exit, scancel, time limit): the job says why
+        at, code, _ = mine[-1]
+        return NodeOutcome(code=code, at=at)
+
+
+class BatchWorker(SlurmWorker):
+    """The batch shell's own log (`slurm-<job>.out`): requeues, srun's errors. Never a node failure."""
+
+    def outcome(self) -> NodeOutcome:
+        return NodeOutcome()
+
+
+class SlurmJob(Job):
+    def __init__(self, plan: Plan, job_id: str, offsets: dict[str, int], step: subprocess.Popen | None = None) -> None:
+        self.plan, self.job_id, self.offsets, self.step = plan, job_id, offsets, step
+        self.out = Path(plan.output_dir)
+        self.state = "PENDING"
+        self.info: dict[str, str] = {}
+        self.restarts = 0
+        self.over = threading.Event()
+        self._workers: dict[str, SlurmWorker] = {}
+        self._polled = 0.0
+        self._said: tuple[str, str] | None = None
+        self.hopeless: str | None = None
+        batch = self.out / "slurm" / f"slurm-{job_id}.out"
+        self._workers["batch"] = BatchWorker("batch", batch, batch.stat().st_size if batch.exists() else 0, self)
+
+    def workers(self) -> list[Worker]:
+        return list(self._workers.values())
+
+    def poll(self) -> dict[str, NodeOutcome]:
+        now = time.monotonic()
+        if now - self._polled < POLL_S or self.over.is_set():
+            return {}
+        self._polled = now
+        info = job_info(self.job_id)
+        if self.step is not None and self.step.poll() is not None:
+            self.state, self.info = ("COMPLETED" if self.step.returncode == 0 else "FAILED"), info or {}
+            self.over.set()
+            return {}
+        if info is None:  # purged from the controller (MinJobAge): it ended while we were not looking
+            self.state = self.state if self.state in FINAL_STATES else "COMPLETED"
+            self.over.set()
+            return {}
+        self.info = info
+        state = info.get("JobState", "UNKNOWN")
+        reason = info.get("Reason", "None")
+        restarts = int(info.get("Restarts", "0") or 0)
+        if self.step is None and restarts != self.restarts:
+            say(f"job {self.job_id} requeued (restart {restarts}); it resumes from the newest complete checkpoint")
+            self.restarts = restarts
+        if (state, reason) != self._said:
+            self._said = (state, reason)
+            if state == "PENDING":
+                say(f"job {self.job_id} pending" + (f" ({reason})" if reason not in ("None", "") else ""))
+            elif state == "RUNNING":
+                say(f"job {self.job_id} running on {info.get('NodeList', '?')}")
+        if state == "PENDING" and reason in HOPELESS:
+            self.hopeless = f"job {self.job_id} cannot start ({reason}{_partition_facts(info)}): {HOPELESS[reason]}"
+            slurm_cmd("scancel", self.job_id)
+            self._wait_final(30)
+            self.hopeless += "; the job was cancelled, nothing is queued"
+            self.over.set()
+            return {}
+        if state in ("RUNNING", "COMPLETING") or state in FINAL_STATES:
+            self._follow(info.get("NodeList", ""))
+        self.state = state
+        if state in FINAL_STATES:
+            self.over.set()
+        return {}
+
+    def _follow(self, nodelist: str) -> None:
+        for name in hostnames(nodelist):
+            if name not in self._workers:
+                path = self.out / "logs" / f"{name}.log"
+                self._workers[name] = SlurmWorker(name, path, self.offsets.get(name, 0), self)
+
+    def finished(self, outcomes: dict[str, NodeOutcome]) -> bool:
+        return self.over.is_set()
+
+    def final(self) -> tuple[int, str | None]:
+        if self.hopeless:
+            return 1, self.hopeless
+        if self.step is not None:
+            code = self.step.returncode
+            return code, None if code == 0 else f"the step in allocation {self.job_id} ended with exit code {code}"
+        raw = self.info.get("ExitCode", "0:0")
+        code, _, sig = raw.partition(":")
+        exit_code = int(code or 0) or (128 + int(sig) if sig and sig != "0" else 0)
+        if self.state == "COMPLETED" and exit_code == 0:
+            return 0, None
+        reason = self.info.get("Reason", "None")
+        why = f"slurm job {self.job_id} ended {self.state}" + (f" ({reason})" if reason not in ("None", "") else "")
+        return exit_code or 1, why + f", exit code {raw}; its batch log is {self.out / 'slurm' / f'slurm-{self.job_id}.out'}"
+
+    def stop(self, grace_s: float) -> list[str]:
+        if self.step is not None:
+            return self._stop_step(grace_s)
+        if self.state in FINAL_STATES or self.hopeless:
+            return []
+        # scancel signals every process of the job on every node (batch shell, srun, torchrun, ranks).
+        res = slurm_cmd("scancel", self.job_id)
+        if res.returncode != 0 and "already completing or completed" not in res.stderr:
+            return [f"scancel {self.job_id} failed: {first_line(res.stderr)}; cancel it by hand"]
+        state = self._wait_final(grace_s + 30)
+        self.over.set()
+        if state not in FINAL_STATES and state != "GONE":
+            return [f"job {self.job_id} is still {state} {grace_s + 30:g}s after scancel; check `squeue -j {self.job_id}`"]
+        return []
+
+    def stopped_note(self) -> str:
+        return (f"the step in allocation {self.job_id} has ended" if self.step is not None else
+                f"job {self.job_id} is {self.state.lower()}, and Slurm ends its processes on every node")
+
+    def _stop_step(self, grace_s: float) -> list[str]:
+        """Inside an allocation: SIGTERM to the script's process group (srun forwards it to every task)."""
+        assert self.step is not None
+        try:
+            os.killpg(self.step.pid, signal.SIGTERM)
+            self.step.wait(timeout=grace_s + 10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.step.pid, signal.SIGKILL)
+            self.step.wait()
+        except ProcessLookupError:
+            pass
+        self.over.set()
+        return []
+
+    def _wait_final(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        state = self.state
+        while time.monotonic() < deadline:
+            info = job_info(self.job_id)
+            if info is None:
+                return "GONE"
+            state = info.get("JobState", "UNKNOWN")
+            self.info = info
+            if state in FINAL_STATES:
+                self.state = state
+                return state
+            time.sleep(0.2)
+        return state
+
+    def failure_cause(self, worker: Worker) -> str | None:
+        return user_error(self._error_file(worker))
+
+    def secondary(self, worker: Worker) -> bool:
+        assert isinstance(worker, SlurmWorker)
+        return lost_a_peer(self._error_file(worker)) and self.restarts not in worker.signalled
+
+    def _error_file(self, worker: Worker) -> Path:
+        return self.out / "logs" / f"torchrun-error-{worker.name}.json"
+
+    def record(self) -> dict[str, Any]:
+        return {"slurm": {"job_id": self.job_id, "allocation": self.step is not None,
+                          "script": str(self.out / "slurm" / f"{self.plan.run_id}.sbatch")},
+                "nodes": {n: {"host": n} for n in self._workers if n != "batch"}}

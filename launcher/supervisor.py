@@ -1,0 +1,221 @@
+"""The supervisor: one for every backend. It streams each node's output (prefixed on the terminal,
+verbatim in `<output_dir>/logs/<node>.log`), writes run.json, says what a silent run waits for,
+stops everything on the first failure, Ctrl-C or SIGTERM, and turns the end into one report and
+one exit code. Backends (launcher/backends/) only start, poll and stop their nodes.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from job.config import JobConfig
+from job.markers import STARTED, is_marker
+from launcher.backends.base import Job, NodeOutcome, Worker
+from launcher.console import say
+from launcher.plan import Plan
+from launcher.stopping import Stop
+
+#: Other nodes are stopped within this many seconds of a node's failure.
+STOP_DEADLINE_S = 15.0
+TAIL_LINES = 20
+TICK_S = 0.5
+_COLOURS = ["36", "33", "35", "32", "34", "31", "96", "93", "95", "92", "94", "91"]
+
+
+@dataclass
+class _Node:
+    worker: Worker
+    prefix: str
+    log: Any = None
+    tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=TAIL_LINES))
+    last_output: float = field(default_factory=time.monotonic)
+    reader: threading.Thread | None = None
+
+
+class Supervisor:
+    def __init__(self, cfg: JobConfig, plan: Plan, job: Job, *, prefixed: bool = True) -> None:
+        self.cfg, self.plan, self.job = cfg, plan, job
+        self.out = Path(plan.output_dir)
+        self.logs = self.out / "logs"
+        self.prefixed = prefixed
+        self.nodes: dict[str, _Node] = {}
+        self.outcomes: dict[str, NodeOutcome] = {}
+        self.started = False  # a rank printed STARTED: the rendezvous is complete
+        self.quiet = threading.Event()  # set once we stop the run: shutdown noise goes to the logs only
+        self.changed = threading.Event()
+        self.print_lock = threading.Lock()
+        self.colour = sys.stdout.isatty()
+        # Slurm's node names are known once the job runs (_adopt widens the column then).
+        self.width = 0 if plan.backend == "slurm" else max(len(n.name) for n in plan.nodes)
+        self.silence_reported = time.monotonic()
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> int:
+        with Stop() as stop:
+            self._adopt()
+            self._write_record()
+            failed: _Node | None = None
+            while not stop.event.is_set():
+                for name, outcome in self.job.poll().items():
+                    outcome.at = outcome.at or time.time()
+                    self.outcomes.setdefault(name, outcome)
+                if self._adopt():
+                    self._write_record()
+                failed = self._first_failure()
+                if failed is not None:
+                    break
+                if self.job.finished(self.outcomes) and self._readers_done():
+                    break
+                self.changed.wait(TICK_S)
+                self.changed.clear()
+                self._check_silence()
+
+            if stop.signum is not None:
+                return self._stopped(stop)
+            if failed is not None:
+                return self._failed(failed)
+            code, why = self.job.final()
+            self._close_logs()
+            if code != 0:
+                say(f"run {self.plan.run_id} failed: {why or f'exit code {code}'}; logs: {self.logs}/")
+                return code
+            for problem in self.job.stop(grace_s=3.0):  # after a clean end: anything left is ended, and said
+                say(problem)
+            say(f"run {self.plan.run_id} finished on all {len(self.plan.nodes)} node(s); outputs in {self.out}/")
+            return 0
+
+    def _stopped(self, stop: Stop) -> int:
+        say(f"stopping run {self.plan.run_id} on every node (signal {stop.signum}); grace {self.cfg.launch.grace_period_s:g}s")
+        self.quiet.set()
+        for problem in self.job.stop(self.cfg.launch.grace_period_s):
+            say(problem)
+        self._drain()
+        say(f"stopped run {self.plan.run_id}: {self.job.stopped_note()}; shutdown output is in {self.logs}/")
+        return stop.exit_code
+
+    def _failed(self, node: _Node) -> int:
+        outcome = self.outcomes[node.worker.name]
+        why = (outcome.lost if outcome.lost else "was killed by a signal" if outcome.code == -1
+               else f"exited with code {outcome.code}")
+        others = len(self.nodes) > 1
+        if others:
+            say(f"node {node.worker.name} {why}; stopping the other nodes")
+        self.quiet.set()
+        t0 = time.monotonic()
+        for problem in self.job.stop(min(self.cfg.launch.grace_period_s, STOP_DEADLINE_S - 3)):
+            say(problem)
+        if others:
+            say(f"all nodes stopped in {time.monotonic() - t0:.1f}s")
+        self._drain()
+        cause = self.job.failure_cause(node.worker)
+        if node.tail and not cause and self.plan.backend != "local":  # local output was all shown
+            tail = "\n".join(f"    {line}" for line in node.tail)
+            say(f"last lines of {node.worker.name}:\n{tail}")
+        code = outcome.code if (outcome.code not in (None, 0, -1) and not outcome.lost) else 255
+        where = f"on node {node.worker.name} " if others or self.plan.backend != "local" else ""
+        say(f"run failed {where}({why}){f': {cause}' if cause else ''}; logs: {self.logs}/")
+        return code
+
+    def _first_failure(self) -> _Node | None:
+        bad = [(self.job.secondary(self.nodes[n].worker), o.at, n) for n, o in self.outcomes.items()
+               if o.lost or o.code not in (None, 0)]
+        return self.nodes[min(bad)[2]] if bad else None
+
+    # ------------------------------------------------------------------ streaming
+    def _adopt(self) -> bool:
+        """Start a reader for every worker not yet followed (Slurm's appear once the job runs)."""
+        new = [w for w in self.job.workers() if w.name not in self.nodes]
+        for w in new:
+            self.width = max(self.width, len(w.name))
+        for w in new:
+            i = len(self.nodes)
+            if not self.prefixed:
+                prefix = ""
+            elif self.colour:
+                prefix = f"\x1b[{_COLOURS[i % len(_COLOURS)]}m{w.name:<{self.width}}\x1b[0m | "
+            else:
+                prefix = f"{w.name:<{self.width}} | "
+            node = _Node(w, prefix)
+            if w.log_path is not None:
+                w.log_path.parent.mkdir(parents=True, exist_ok=True)
+                node.log = open(w.log_path, "a", encoding="utf-8")
+            self.nodes[w.name] = node
+            node.reader = threading.Thread(target=self._read, args=(node,), daemon=True, name=f"mlaunch-log-{w.name}")
+            node.reader.start()
+        return bool(new)
+
+    def _read(self, node: _Node) -> None:
+        """Drain one node's output: prefixed to our stdout, verbatim to its log file."""
+        try:
+            for raw in node.worker.lines():
+                # A carriage-return redraw (a progress bar that slipped through): keep its final state.
+                line = raw.rstrip("\r\n").rsplit("\r", 1)[-1]
+                node.last_output = time.monotonic()
+                if node.log is not None:
+                    node.log.write(line + "\n")
+                    node.log.flush()
+                if is_marker(line):  # for us, not for the terminal or the failure report's tail
+                    self.started = self.started or line.startswith(STARTED)
+                    continue
+                node.tail.append(line)
+                if not self.quiet.is_set():
+                    with self.print_lock:
+                        sys.stdout.write(node.prefix + line + "\n")
+                        sys.stdout.flush()
+            outcome = node.worker.outcome()
+        except Exception as e:  # the transport died under us
+            outcome = NodeOutcome(lost=f"lost its connection ({type(e).__name__})")
+        outcome.at = outcome.at or time.time()
+        self.outcomes[node.worker.name] = outcome
+        self.changed.set()
+
+    def _readers_done(self) -> bool:
+        return all(n.reader is not None and not n.reader.is_alive() for n in self.nodes.values())
+
+    def _drain(self) -> None:
+        for node in self.nodes.values():
+            if node.reader is not None:
+                node.reader.join(timeout=5)
+        self._close_logs()
+
+    def _close_logs(self) -> None:
+        for node in self.nodes.values():
+            if node.reader is not None:
+                node.reader.join(timeout=5)
+            if node.log is not None and not node.log.closed:
+                node.log.close()
+
+    def _write_record(self) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        (self.logs / "run.json").write_text(json.dumps(
+            {"run_id": self.plan.run_id, "backend": self.plan.backend, **self.job.record()}, indent=2))
+
+    # ------------------------------------------------------------------ silence
+    def _check_silence(self) -> None:
+        """At most every `launch.silence_warning_s`, say what a silent run waits for: a rendezvous
+        that cannot complete (a node that cannot reach the master, a firewall) would otherwise
+        wait out its join timeout without a word."""
+        after = self.cfg.launch.silence_warning_s
+        if not self.nodes:
+            return
+        now = time.monotonic()
+        last = max(n.last_output for n in self.nodes.values())
+        if now - last < after or now - self.silence_reported < after:
+            return
+        self.silence_reported = now
+        r = self.plan.rendezvous
+        if not self.started and r is not None:
+            say(f"no output from any node for {now - last:.0f}s: still waiting for all {r.nnodes} node(s) to join the "
+                f"rendezvous at {r.endpoint} (gives up after launch.rdzv.join_timeout_s="
+                f"{self.cfg.launch.rdzv.join_timeout_s}s); `mlaunch nodes check` tests that every node reaches it")
+        else:
+            quietest = min(self.nodes.values(), key=lambda n: n.last_output)
+            say(f"no output from any node for {now - last:.0f}s (quietest: {quietest.worker.name}, last line: "
+                f"{(quietest.tail[-1] if quietest.tail else '-')[:120]!r}); Ctrl-C stops the run on every node")
