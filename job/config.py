@@ -92,7 +92,7 @@ class SlurmConfig(Section):
     sbatch_args: list[str] = Field(default_factory=list, description="Extra sbatch options, one per `#SBATCH` line (e.g. `--exclusive`, `--mem=0`).")
     signal_s: int = Field(300, ge=0, description="Seconds before the time limit (or on preemption) that the batch shell is warned (`--signal=B:USR1@N`): every rank then checkpoints at its next step and the job requeues itself. 0 = no warning, no requeue.")
     max_requeues: int = Field(3, ge=0, description="How often the job may requeue itself after such a checkpoint (Slurm's own requeues, e.g. `scontrol requeue`, are not counted against it).")
-    login: str | None = Field(None, description="Reserved: a login node reached over SSH (not supported yet; run mlaunch on the login node).")
+    login: str | None = Field(None, description="`[user@]host[:port]` (or an ~/.ssh/config alias) of a login node: mlaunch runs sbatch/squeue/scancel there over SSH (`cluster.ssh` settings and host-key rules), in `cluster.workdir`, after `cluster.setup`; unset = this machine is the login node.")
 
     @field_validator("sbatch_args")
     @classmethod
@@ -100,13 +100,6 @@ class SlurmConfig(Section):
         for arg in v:
             if "\n" in arg or not arg.strip().startswith("-"):
                 raise ValueError(f"{arg!r}: each entry is one sbatch option starting with `-`, e.g. `--exclusive`")
-        return v
-
-    @field_validator("login")
-    @classmethod
-    def _no_login_yet(cls, v: str | None) -> str | None:
-        if v is not None:
-            raise ValueError("submitting through a login node over SSH is not supported yet; run mlaunch on the login node itself")
         return v
 
 

@@ -7,14 +7,13 @@ One report per node of the partition, plus one for the partition as a whole.
 from __future__ import annotations
 
 import re
-import shutil
 import time
-from pathlib import Path
 
 from job.config import JobConfig
 from job.errors import MlaunchError
 from job.markers import EXIT
-from launcher.backends.slurm import first_line, job_info, parse_fields, require_tools, slurm_cmd
+from launcher.backends.slurm import first_line, job_info, open_host, parse_fields, require_tools, slurm_cmd
+from launcher.backends.slurm_host import SlurmHost
 from launcher.nodes import _ALLREDUCE, NodeReport
 
 #: Node states (sinfo %t, without its suffix flags) in which a node can take a job.
@@ -23,13 +22,21 @@ COLLECTIVE_TIMEOUT_S = 180.0
 
 
 def check_slurm(job: JobConfig, *, collective: bool) -> dict[str, NodeReport]:
-    require_tools(("sinfo", "scontrol", "sbatch", "scancel"))
+    host = open_host(job)
+    try:
+        return _check(host, job, collective=collective)
+    finally:
+        host.close()
+
+
+def _check(host: SlurmHost, job: JobConfig, *, collective: bool) -> dict[str, NodeReport]:
+    require_tools(host, ("sinfo", "scontrol", "sbatch", "scancel"))
     cluster = job.cluster
     assert cluster is not None and cluster.slurm is not None
     slurm = cluster.slurm
-    part = slurm.partition or _default_partition()
+    part = slurm.partition or _default_partition(host)
     summary = NodeReport(f"partition {part}")
-    res = slurm_cmd("scontrol", "show", "partition", "-o", part)
+    res = slurm_cmd(host, "scontrol", "show", "partition", "-o", part)
     if res.returncode != 0:
         summary.add("partition", False, first_line(res.stderr) or f"no partition {part}",
                     "set cluster.slurm.partition to one `sinfo -s` lists")
@@ -39,7 +46,7 @@ def check_slurm(job: JobConfig, *, collective: bool) -> dict[str, NodeReport]:
     summary.add("partition", up, f"{part} {info.get('State', '?').lower()}", f"the partition is {info.get('State')}: ask the admins, or pick another")
     reports: dict[str, NodeReport] = {}
     usable = 0
-    for line in slurm_cmd("sinfo", "-h", "-N", "-p", part, "-o", "%N|%t|%G|%c", check=True).stdout.splitlines():
+    for line in slurm_cmd(host, "sinfo", "-h", "-N", "-p", part, "-o", "%N|%t|%G|%c", check=True).stdout.splitlines():
         name, state, gres, cpus = (line.split("|") + ["", "", ""])[:4]
         if name in reports:
             continue
@@ -61,14 +68,14 @@ def check_slurm(job: JobConfig, *, collective: bool) -> dict[str, NodeReport]:
     summary.facts.update({"total_nodes": len(reports), "usable_nodes": usable, "asked": slurm.nodes})
     if collective:
         if summary.ok:
-            _collective(job, summary, reports)
+            _collective(host, job, summary, reports)
         else:
             summary.add("collective", False, "skipped: the partition cannot run the job", "fix the failures above first")
     return {summary.node: summary, **reports}
 
 
-def _default_partition() -> str:
-    for line in slurm_cmd("sinfo", "-h", "-o", "%P", check=True).stdout.split():
+def _default_partition(host: SlurmHost) -> str:
+    for line in slurm_cmd(host, "sinfo", "-h", "-o", "%P", check=True).stdout.split():
         if line.endswith("*"):
             return line.rstrip("*")
     raise MlaunchError("this Slurm cluster has no default partition: set cluster.slurm.partition (`sinfo -s` lists them)")
@@ -79,41 +86,39 @@ def _gpu_count(gres: str) -> int:
     return sum(int(m.group(1)) for m in re.finditer(r"gpu(?::[\w.-]+)?:(\d+)", gres))
 
 
-def _collective(job: JobConfig, summary: NodeReport, reports: dict[str, NodeReport]) -> None:
+def _collective(host: SlurmHost, job: JobConfig, summary: NodeReport, reports: dict[str, NodeReport]) -> None:
     """One sbatch job, the plan's own script with a tiny all-reduce in place of the trainer."""
     from launcher import sbatch
     from launcher.planning import build_plan
 
     cfg = job.model_copy(deep=True)
     cfg.launch.nproc_per_node = 1
-    work = Path(".mlaunch") / f"nodes-check-{time.strftime('%Y%m%d-%H%M%S')}"
-    cfg.train.output_dir = str(work)
+    work = f".mlaunch/nodes-check-{time.strftime('%Y%m%d-%H%M%S')}"  # under the submit directory
+    cfg.train.output_dir = work
     the_plan, _ = build_plan(cfg, standalone=False, probe=False)
-    (work / "logs").mkdir(parents=True, exist_ok=True)
-    (work / "slurm").mkdir(exist_ok=True)
-    probe = work / "allreduce.py"
-    probe.write_text(_ALLREDUCE)
+    host.prepare(work)
+    probe = f"{work}/allreduce.py"
+    host.write(probe, _ALLREDUCE)
     node = the_plan.nodes[0]
-    argv = node.argv[: node.argv.index("-m", 3)] + [str(probe)]
+    argv = node.argv[: node.argv.index("-m", 3)] + [probe]
     argv[argv.index("--rdzv-conf") + 1] = f"join_timeout=60,is_host={sbatch.IS_HOST}"
     assert cfg.cluster is not None and cfg.cluster.slurm is not None
-    script = work / "slurm" / "allreduce.sbatch"
-    script.write_text(sbatch.script(cfg.cluster.slurm.model_copy(update={"signal_s": 0}), job_name="mlaunch-allreduce",
-                                    run_id=the_plan.run_id, nodes=cfg.cluster.slurm.nodes, output_dir=str(work),
-                                    workdir=None, argv=argv, env=node.env, setup=cfg.cluster.setup,
-                                    rdzv_port_base=cfg.launch.rdzv.port))
-    res = slurm_cmd("sbatch", "--parsable", "--wait", str(script), timeout=COLLECTIVE_TIMEOUT_S + 30)
+    script = f"{work}/slurm/allreduce.sbatch"
+    host.write(script, sbatch.script(cfg.cluster.slurm.model_copy(update={"signal_s": 0}), job_name="mlaunch-allreduce",
+                                     run_id=the_plan.run_id, nodes=cfg.cluster.slurm.nodes, output_dir=work,
+                                     workdir=None, argv=argv, env=node.env, setup=cfg.cluster.setup,
+                                     rdzv_port_base=cfg.launch.rdzv.port))
+    res = slurm_cmd(host, "sbatch", "--parsable", "--wait", script, timeout=COLLECTIVE_TIMEOUT_S + 30)
     job_id = res.stdout.strip().split(";")[0]
     try:
         if res.returncode != 0 and not job_id:
             summary.add("collective", False, f"sbatch: {first_line(res.stderr)}", "see `mlaunch plan` for the script")
             return
-        info = job_info(job_id) or {}
-        nodes = slurm_cmd("scontrol", "show", "hostnames", info.get("NodeList", ""), check=False).stdout.split()
+        info = job_info(host, job_id) or {}
+        nodes = slurm_cmd(host, "scontrol", "show", "hostnames", info.get("NodeList", ""), check=False).stdout.split()
         ok_line = ""
         for name in nodes:
-            log = work / "logs" / f"{name}.log"
-            lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+            lines = (host.read(f"{work}/logs/{name}.log") or "").splitlines()
             ok_line = ok_line or next((x for x in lines if "ALLREDUCE_OK" in x), "")
             code = next((int(x[len(EXIT):].split()[0]) for x in reversed(lines) if x.startswith(EXIT)), None)
             rep = reports.setdefault(name, NodeReport(name))
@@ -125,9 +130,7 @@ def _collective(job: JobConfig, summary: NodeReport, reports: dict[str, NodeRepo
                     ok_line.strip() or f"job {job_id} {state.lower()} ({info.get('ExitCode', '?')})",
                     f"the all-reduce job {job_id} failed: its logs are in {work}/")
     finally:
-        if job_id and (job_info(job_id) or {}).get("JobState") not in (None, "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
-            slurm_cmd("scancel", job_id)
-        if summary.ok:
-            shutil.rmtree(work, ignore_errors=True)
-            if not any(work.parent.iterdir()):
-                work.parent.rmdir()
+        if job_id and (job_info(host, job_id) or {}).get("JobState") not in (None, "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+            slurm_cmd(host, "scancel", job_id)
+        if summary.ok:  # a failed check keeps its logs to read
+            host.run(["sh", "-c", f"rm -rf {work} && rmdir .mlaunch 2>/dev/null; true"], timeout=30)

@@ -211,6 +211,12 @@ def make_plan(
     return Plan(job, run_id, False, rdzv, nodes, world, config_path, cfg.train.output_dir, cfg, parallel or {}, "ssh")
 
 
+def submit_dir(cluster: Any) -> str | None:
+    """Where sbatch runs, so where the job runs and its relative paths point: `cluster.workdir`
+    when set (always on a login node), else None = the directory mlaunch runs in."""
+    return cluster.workdir if ("workdir" in cluster.model_fields_set or cluster.slurm.login) else None
+
+
 def _slurm_plan(cfg: JobConfig, *, job: str, run_id: str, config_path: str, env: dict[str, str],
                 head: list[str], tail: list[str], parallel: dict[str, Any]) -> Plan:
     """Nodes that Slurm allocates: one NodePlan per node index (hosts are known once the job runs),
@@ -225,13 +231,13 @@ def _slurm_plan(cfg: JobConfig, *, job: str, run_id: str, config_path: str, env:
                           "a fixed number of nodes; drop launch.nnodes or make them equal")
     if launch.rdzv.backend != "c10d" or launch.rdzv.endpoint:
         raise ConfigError("on Slurm the rendezvous is c10d on the first allocated node; drop launch.rdzv.backend/endpoint")
-    if cluster.sync:
-        raise ConfigError("cluster.sync pushes code to SSH nodes; Slurm nodes share the filesystem the job is submitted from: drop sync")
+    if cluster.sync and not slurm.login:
+        raise ConfigError("cluster.sync pushes code to SSH nodes (or to cluster.slurm.login); Slurm nodes share the "
+                          "filesystem the job is submitted from: drop sync")
     nproc, why = _nproc(launch.nproc_per_node, None, slurm.gpus_per_node)
     if not isinstance(launch.nproc_per_node, int):
         why = f"auto: cluster.slurm.gpus_per_node = {slurm.gpus_per_node}" + ("" if slurm.gpus_per_node else ", 1 process (CPU)")
-    # workdir: the submit directory unless set (sbatch's default, and where relative paths point).
-    workdir = cluster.workdir if "workdir" in cluster.model_fields_set else None
+    workdir = submit_dir(cluster)
     env = {**env, CHECKPOINT_REQUEST_VAR: f"{cfg.train.output_dir.rstrip('/')}/{sbatch.CHECKPOINT_REQUEST}"}
     endpoint = f"{sbatch.RDZV_ADDR}:{sbatch.RDZV_PORT}"
     argv = [*head, "--nnodes", str(slurm.nodes), "--nproc-per-node", str(nproc),

@@ -65,7 +65,8 @@ def script(
     setup: str | None,
     rdzv_port_base: int,
 ) -> str:
-    """The batch script. `workdir` None = the directory mlaunch runs in (sbatch's default)."""
+    """The batch script. It is submitted from `workdir` (None: the directory mlaunch runs in), so
+    the job runs there: no `--chdir`, which would not expand `~`."""
     out = output_dir.rstrip("/")
     sb = [
         f"--job-name={job_name}",
@@ -77,7 +78,6 @@ def script(
         *([f"--qos={slurm.qos}"] if slurm.qos else []),
         *([f"--time={slurm.time}"] if slurm.time else []),
         *([f"--constraint={slurm.constraint}"] if slurm.constraint else []),
-        *([f"--chdir={workdir}"] if workdir else []),
         f"--output={out}/{BATCH_LOG}",
         "--open-mode=append",  # a requeued job appends: one log across its restarts
         *(["--requeue", f"--signal=B:USR1@{slurm.signal_s}"] if slurm.signal_s else ["--no-requeue"]),
@@ -90,7 +90,8 @@ def script(
                   if setup and setup.strip() else "")
     lines = [
         "#!/bin/bash",
-        f"# mlaunch run {run_id} ({job_name}): written by `mlaunch run`, shown by `mlaunch plan`.",
+        f"# mlaunch run {run_id} ({job_name}): written by `mlaunch run`, shown by `mlaunch plan`;",
+        f"# submitted from {workdir or 'the directory mlaunch runs in'}, where the job runs.",
         *(f"#SBATCH {a}" for a in sb),
         "set -u",
         f"export MLAUNCH_OUT={q_out}",

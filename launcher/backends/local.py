@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from job.errors import MlaunchError
-from job.markers import PEER_LOST
 from launcher.backends.base import Backend, Job, NodeOutcome, Worker
 from launcher.plan import NodePlan, Plan
 from launcher.planning import write_resolved_config
@@ -101,17 +100,17 @@ def error_message(error_file: Path) -> str | None:
         return None
 
 
-def lost_a_peer(error_file: Path) -> bool:
-    return any(p in (error_message(error_file) or "") for p in PEER_LOST)
-
-
 def user_error(error_file: Path) -> str | None:
     """The failed rank's one-line user error (a MlaunchError, which train/__main__.py records for
     torchrun), read from torchrun's root-cause error file — there even when --local-ranks-filter
     hides that rank's output. The file is torchrun's JSON,
     `{"message": {"message": "<exception type>: <text>", "extraInfo": {...}}}`; None for any
     other failure (a crash's traceback is in torchrun's summary) or when there is no file."""
-    message = error_message(error_file)
+    return user_error_in(error_message(error_file))
+
+
+def user_error_in(message: str | None) -> str | None:
+    """The one-line user error in an error file's message (see `user_error`)."""
     if message is None:
         return None
     kind, sep, text = message.partition(": ")

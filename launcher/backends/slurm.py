@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import threading
@@ -23,17 +22,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from job.config import JobConfig
+from job.config import JobConfig, to_yaml
 from job.errors import MlaunchError
-from job.markers import EXIT, SIGNAL_DEATH
-from launcher.backends.base import Backend, Job, NodeOutcome, Worker
-from launcher.backends.local import lost_a_peer, user_error
+from job.markers import EXIT, PEER_LOST, SIGNAL_DEATH
+from launcher.backends.base import Backend, Job, NodeOutcome, Provisioned, Worker
+from launcher.backends.local import user_error_in
+from launcher.backends.slurm_host import LocalHost, LoginHost, Ran, SlurmHost
 from launcher.console import say
-from launcher.plan import Plan
+from launcher.plan import Plan, submit_dir
 from launcher.planning import write_resolved_config
 
 POLL_S = 1.0
-TAIL_S = 0.2
 _CMD_TIMEOUT_S = 30.0
 
 #: Job states after which nothing more happens (REQUEUED / PREEMPTED go back to PENDING).
@@ -60,21 +59,23 @@ HOPELESS = {
 _TOOLS = ("sbatch", "srun", "scontrol", "scancel")
 
 
-def require_tools(names: tuple[str, ...] = _TOOLS) -> None:
-    missing = [t for t in names if shutil.which(t) is None]
+def require_tools(host: SlurmHost, names: tuple[str, ...] = _TOOLS) -> None:
+    missing = host.missing(names)
     if missing:
-        raise MlaunchError(f"{', '.join(missing)} not found on PATH: run mlaunch on a Slurm login node, or install "
-                           "Slurm's client commands (Debian: `apt install slurm-client`; HPC sites: `module load slurm`)")
+        where = "" if host.where == "here" else f" on the {host.where}"
+        raise MlaunchError(f"{', '.join(missing)} not found on PATH{where}: run mlaunch on a Slurm login node, or "
+                           "install Slurm's client commands (Debian: `apt install slurm-client`; HPC sites: `module load slurm`"
+                           + (" in cluster.setup)" if where else ")"))
 
 
-def slurm_cmd(*argv: str, timeout: float = _CMD_TIMEOUT_S, check: bool = False) -> subprocess.CompletedProcess:
-    """A Slurm client command with this environment (SLURM_CONF, SBATCH_* and all)."""
+def slurm_cmd(host: SlurmHost, *argv: str, timeout: float = _CMD_TIMEOUT_S, check: bool = False) -> Ran:
+    """A Slurm client command with that host's environment (SLURM_CONF, SBATCH_* and all)."""
     try:
-        res = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        res = host.run(list(argv), timeout=timeout)
     except subprocess.TimeoutExpired:
         raise MlaunchError(f"`{' '.join(argv[:3])}` did not answer within {timeout:g}s: is slurmctld up (`scontrol ping`)?") from None
     except FileNotFoundError:
-        require_tools((argv[0],))
+        require_tools(host, (argv[0],))
         raise
     if check and res.returncode != 0:
         raise MlaunchError(f"`{' '.join(argv[:3])}` failed: {first_line(res.stderr) or f'exit {res.returncode}'}")
@@ -85,9 +86,9 @@ def first_line(text: str) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
-def job_info(job_id: str) -> dict[str, str] | None:
+def job_info(host: SlurmHost, job_id: str) -> dict[str, str] | None:
     """`scontrol show job -o`, as key → value; None once the job is gone from the controller."""
-    res = slurm_cmd("scontrol", "show", "job", "-o", job_id)
+    res = slurm_cmd(host, "scontrol", "show", "job", "-o", job_id)
     if res.returncode != 0:
         if "Invalid job id" in res.stderr:
             return None
@@ -103,21 +104,34 @@ def parse_fields(line: str) -> dict[str, str]:
     return fields
 
 
-def _partition_facts(info: dict[str, str]) -> str:
+def _partition_facts(host: SlurmHost, info: dict[str, str]) -> str:
     """`; asks 3 node(s), partition debug has 2`: the numbers behind a partition reason."""
     part = info.get("Partition", "")
-    res = slurm_cmd("scontrol", "show", "partition", "-o", part) if part else None
+    res = slurm_cmd(host, "scontrol", "show", "partition", "-o", part) if part else None
     if res is None or res.returncode != 0:
         return ""
     total = parse_fields(res.stdout).get("TotalNodes")
     return f"; asks {info.get('NumNodes', '?').split('-')[0]} node(s), partition {part} has {total}" if total else ""
 
 
-def hostnames(nodelist: str) -> list[str]:
+def hostnames(host: SlurmHost, nodelist: str) -> list[str]:
     """`node[1-3],gpu7` → the node names, in the allocation's (SLURM_NODEID) order."""
     if not nodelist or nodelist in ("(null)", "None"):
         return []
-    return slurm_cmd("scontrol", "show", "hostnames", nodelist, check=True).stdout.split()
+    return slurm_cmd(host, "scontrol", "show", "hostnames", nodelist, check=True).stdout.split()
+
+
+def open_host(cfg: JobConfig) -> SlurmHost:
+    """This machine, or the login node over SSH (its host key checked as for any node)."""
+    cluster = cfg.cluster
+    assert cluster is not None and cluster.slurm is not None
+    if not cluster.slurm.login:
+        return LocalHost(submit_dir(cluster))
+    from launcher import ssh
+    from launcher.backends.ssh import login_target
+
+    target = login_target(cfg)
+    return LoginHost(ssh.connect(target), cluster.slurm.login, cluster.workdir, cluster.setup)
 
 
 class SlurmBackend(Backend):
@@ -125,93 +139,85 @@ class SlurmBackend(Backend):
 
     def __init__(self, cfg: JobConfig) -> None:
         super().__init__(cfg)
+        assert cfg.cluster is not None and cfg.cluster.slurm is not None
+        self.slurm = cfg.cluster.slurm
         #: Inside an allocation (salloc, or the user's own batch script): start a step there.
-        self.allocation = os.environ.get("SLURM_JOB_ID")
+        self.allocation = None if self.slurm.login else os.environ.get("SLURM_JOB_ID")
+        self.host: SlurmHost | None = None
 
-    def provision(self):  # type: ignore[override]
-        require_tools(("srun", "scontrol") if self.allocation else _TOOLS)
+    def provision(self) -> Provisioned:
+        self.host = open_host(self.cfg)
+        require_tools(self.host, ("srun", "scontrol") if self.allocation else _TOOLS)
         if self.allocation:
-            want = self.cfg.cluster.slurm.nodes  # type: ignore[union-attr]
+            want = self.slurm.nodes
             have = int(os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or want)
             if have < want:
                 raise MlaunchError(f"inside allocation {self.allocation} of {have} node(s), but cluster.slurm.nodes={want}; "
                                    f"allocate {want} (`salloc -N {want}`) or lower cluster.slurm.nodes")
-        return super().provision()
+        return Provisioned()
 
     def setup(self, plan: Plan) -> None:
-        out = Path(plan.output_dir)
-        for sub in ("logs", "slurm"):
-            (out / sub).mkdir(parents=True, exist_ok=True)
-        for stale in (out / "logs").glob("torchrun-error-*.json"):
-            stale.unlink()  # an earlier run's failure is not this one's
-        write_resolved_config(plan.resolved, Path(plan.config_path))
-        assert plan.sbatch is not None
-        self.script = out / "slurm" / f"{plan.run_id}.sbatch"
-        self.script.write_text(plan.sbatch)
+        assert self.host is not None and plan.sbatch is not None
+        cluster = self.cfg.cluster
+        assert cluster is not None
+        if cluster.sync and isinstance(self.host, LoginHost):
+            stats = self.host.conn.put_tree(Path.cwd(), cluster.workdir,
+                                            exclude_globs=[self.cfg.train.output_dir, "runs", *cluster.sync_exclude])
+            say(f"{self.host.where}: synced {stats}")
+        self.offsets = self.host.prepare(plan.output_dir)
+        self.host.write(plan.config_path, to_yaml(plan.resolved))
+        self.script = f"{plan.output_dir.rstrip('/')}/slurm/{plan.run_id}.sbatch"
+        self.host.write(self.script, plan.sbatch)
+        if isinstance(self.host, LoginHost):  # the launcher's own copy, beside its run.json
+            write_resolved_config(plan.resolved, Path(plan.config_path))
 
     def start(self, plan: Plan) -> Job:
-        out = Path(plan.output_dir)
-        # Follow the nodes' logs from where they are now: an earlier run's lines are not this one's.
-        offsets = {p.stem: p.stat().st_size for p in (out / "logs").glob("*.log")}
+        assert self.host is not None
         if self.allocation:
+            assert isinstance(self.host, LocalHost)
             # The batch script is plain bash: run here, its srun is one step of this allocation.
-            proc = subprocess.Popen(["bash", str(self.script)], stdin=subprocess.DEVNULL, start_new_session=True,
-                                    stdout=open(out / "slurm" / f"slurm-{self.allocation}.out", "ab"), stderr=subprocess.STDOUT)
+            batch_log = self.host.path(f"{plan.output_dir}/slurm/slurm-{self.allocation}.out")
+            proc = subprocess.Popen(["bash", str(self.host.path(self.script))], stdin=subprocess.DEVNULL,
+                                    start_new_session=True, cwd=self.host.base, stdout=open(batch_log, "ab"),
+                                    stderr=subprocess.STDOUT)
             say(f"inside allocation {self.allocation}: starting the job as a step (script {self.script})")
-            return SlurmJob(plan, self.allocation, offsets, step=proc)
-        res = slurm_cmd("sbatch", "--parsable", str(self.script), timeout=60)
+            return SlurmJob(plan, self.host, self.allocation, self.offsets, step=proc)
+        res = slurm_cmd(self.host, "sbatch", "--parsable", self.script, timeout=60)
         if res.returncode != 0:
             why = first_line(res.stderr).removeprefix("sbatch: error: ") or f"exit {res.returncode}"
             raise MlaunchError(f"sbatch rejected the job: {why} "
                                f"(script {self.script}; `mlaunch plan` shows it)", exit_code=2)
         job_id = res.stdout.strip().split(";")[0]
-        say(f"submitted batch job {job_id} (script {self.script}); Ctrl-C cancels it")
-        return SlurmJob(plan, job_id, offsets)
+        where = "" if self.host.where == "here" else f" on the {self.host.where}"
+        say(f"submitted batch job {job_id}{where} (script {self.script}); Ctrl-C cancels it")
+        return SlurmJob(plan, self.host, job_id, self.offsets)
+
+    def teardown(self) -> None:
+        if self.host is not None:
+            self.host.close()
 
     def describe(self, plan: Plan) -> str:
-        s = plan.resolved.cluster.slurm  # type: ignore[union-attr]
+        s = self.slurm
         return (f"{s.nodes} Slurm node(s){f' in partition {s.partition}' if s.partition else ''}, world size "
                 f"{plan.world_size}, strategy {plan.parallel.get('strategy')}")
 
 
 class SlurmWorker(Worker):
-    """Follows one node's log file (written by the node itself) until the job is over."""
+    """Follows one node's log (written by the node itself on the shared filesystem) until the job
+    is over; through a login node, the supervisor keeps a local copy (`log_path`)."""
 
-    def __init__(self, name: str, path: Path, offset: int, job: "SlurmJob") -> None:
-        self.name, self.path, self.offset, self.job = name, path, offset, job
-        self.log_path = None
+    def __init__(self, name: str, path: str, offset: int, job: "SlurmJob", log_path: Path | None) -> None:
+        self.name, self.path, self.offset, self.job, self.log_path = name, path, offset, job, log_path
         self.markers: list[tuple[float, int, int]] = []  # (time, code, restart) of each task end seen
         self.signalled: set[int] = set()  # restarts in which torchrun reported a rank ended by a signal
 
     def lines(self) -> Iterator[str]:
-        buf = b""
-        f = None
-        try:
-            while True:
-                over = self.job.over.is_set()  # read before the last drain: nothing is missed
-                if f is None and self.path.exists():
-                    f = open(self.path, "rb")
-                    f.seek(self.offset)
-                chunk = f.read() if f is not None else b""
-                if chunk:
-                    buf += chunk
-                    *complete, buf = buf.split(b"\n")
-                    for raw in complete:
-                        line = raw.decode(errors="replace")
-                        if line.startswith(EXIT):
-                            self._marker(line)
-                        elif re.search(SIGNAL_DEATH, line):
-                            self.signalled.add(self.job.restarts)
-                        yield line
-                    continue
-                if over:
-                    if buf:
-                        yield buf.decode(errors="replace")
-                    return
-                time.sleep(TAIL_S)
-        finally:
-            if f is not None:
-                f.close()
+        for line in self.job.host.follow(self.path, self.offset, self.job.over):
+            if line.startswith(EXIT):
+                self._marker(line)
+            elif re.search(SIGNAL_DEATH, line):
+                self.signalled.add(self.job.restarts)
+            yield line
 
     def _marker(self, line: str) -> None:
         parts = line[len(EXIT):].split()
@@ -238,9 +244,12 @@ class BatchWorker(SlurmWorker):
 
 
 class SlurmJob(Job):
-    def __init__(self, plan: Plan, job_id: str, offsets: dict[str, int], step: subprocess.Popen | None = None) -> None:
-        self.plan, self.job_id, self.offsets, self.step = plan, job_id, offsets, step
-        self.out = Path(plan.output_dir)
+    def __init__(self, plan: Plan, host: SlurmHost, job_id: str, offsets: dict[str, int],
+                 step: subprocess.Popen | None = None) -> None:
+        self.plan, self.host, self.job_id, self.offsets, self.step = plan, host, job_id, offsets, step
+        self.out = plan.output_dir.rstrip("/")
+        # Through a login node the logs are remote: the supervisor keeps copies here.
+        self.local_logs = Path(plan.output_dir) / "logs" if isinstance(host, LoginHost) else None
         self.state = "PENDING"
         self.info: dict[str, str] = {}
         self.restarts = 0
@@ -249,8 +258,12 @@ class SlurmJob(Job):
         self._polled = 0.0
         self._said: tuple[str, str] | None = None
         self.hopeless: str | None = None
-        batch = self.out / "slurm" / f"slurm-{job_id}.out"
-        self._workers["batch"] = BatchWorker("batch", batch, batch.stat().st_size if batch.exists() else 0, self)
+        self._add("batch", f"{self.out}/slurm/slurm-{job_id}.out", BatchWorker)
+
+    def _add(self, name: str, path: str, kind: type = SlurmWorker) -> None:
+        local = self.local_logs / f"{name}.log" if self.local_logs is not None else None
+        offset = self.offsets.get(name, 0) if kind is SlurmWorker else 0
+        self._workers[name] = kind(name, path, offset, self, local)
 
     def workers(self) -> list[Worker]:
         return list(self._workers.values())
@@ -260,7 +273,7 @@ class SlurmJob(Job):
         if now - self._polled < POLL_S or self.over.is_set():
             return {}
         self._polled = now
-        info = job_info(self.job_id)
+        info = job_info(self.host, self.job_id)
         if self.step is not None and self.step.poll() is not None:
             self.state, self.info = ("COMPLETED" if self.step.returncode == 0 else "FAILED"), info or {}
             self.over.set()
@@ -283,24 +296,20 @@ class SlurmJob(Job):
             elif state == "RUNNING":
                 say(f"job {self.job_id} running on {info.get('NodeList', '?')}")
         if state == "PENDING" and reason in HOPELESS:
-            self.hopeless = f"job {self.job_id} cannot start ({reason}{_partition_facts(info)}): {HOPELESS[reason]}"
-            slurm_cmd("scancel", self.job_id)
+            self.hopeless = f"job {self.job_id} cannot start ({reason}{_partition_facts(self.host, info)}): {HOPELESS[reason]}"
+            slurm_cmd(self.host, "scancel", self.job_id)
             self._wait_final(30)
             self.hopeless += "; the job was cancelled, nothing is queued"
             self.over.set()
             return {}
         if state in ("RUNNING", "COMPLETING") or state in FINAL_STATES:
-            self._follow(info.get("NodeList", ""))
+            for name in hostnames(self.host, info.get("NodeList", "")):
+                if name not in self._workers:
+                    self._add(name, f"{self.out}/logs/{name}.log")
         self.state = state
         if state in FINAL_STATES:
             self.over.set()
         return {}
-
-    def _follow(self, nodelist: str) -> None:
-        for name in hostnames(nodelist):
-            if name not in self._workers:
-                path = self.out / "logs" / f"{name}.log"
-                self._workers[name] = SlurmWorker(name, path, self.offsets.get(name, 0), self)
 
     def finished(self, outcomes: dict[str, NodeOutcome]) -> bool:
         return self.over.is_set()
@@ -318,7 +327,7 @@ class SlurmJob(Job):
             return 0, None
         reason = self.info.get("Reason", "None")
         why = f"slurm job {self.job_id} ended {self.state}" + (f" ({reason})" if reason not in ("None", "") else "")
-        return exit_code or 1, why + f", exit code {raw}; its batch log is {self.out / 'slurm' / f'slurm-{self.job_id}.out'}"
+        return exit_code or 1, why + f", exit code {raw}; its batch log is {self.out}/slurm/slurm-{self.job_id}.out"
 
     def stop(self, grace_s: float) -> list[str]:
         if self.step is not None:
@@ -326,7 +335,7 @@ class SlurmJob(Job):
         if self.state in FINAL_STATES or self.hopeless:
             return []
         # scancel signals every process of the job on every node (batch shell, srun, torchrun, ranks).
-        res = slurm_cmd("scancel", self.job_id)
+        res = slurm_cmd(self.host, "scancel", self.job_id)
         if res.returncode != 0 and "already completing or completed" not in res.stderr:
             return [f"scancel {self.job_id} failed: {first_line(res.stderr)}; cancel it by hand"]
         state = self._wait_final(grace_s + 30)
@@ -357,7 +366,7 @@ class SlurmJob(Job):
         deadline = time.monotonic() + timeout
         state = self.state
         while time.monotonic() < deadline:
-            info = job_info(self.job_id)
+            info = job_info(self.host, self.job_id)
             if info is None:
                 return "GONE"
             state = info.get("JobState", "UNKNOWN")
@@ -368,17 +377,18 @@ class SlurmJob(Job):
             time.sleep(0.2)
         return state
 
+    def _error_message(self, worker: Worker) -> str | None:
+        return self.host.error_message(f"{self.out}/logs/torchrun-error-{worker.name}.json")
+
     def failure_cause(self, worker: Worker) -> str | None:
-        return user_error(self._error_file(worker))
+        return user_error_in(self._error_message(worker))
 
     def secondary(self, worker: Worker) -> bool:
         assert isinstance(worker, SlurmWorker)
-        return lost_a_peer(self._error_file(worker)) and self.restarts not in worker.signalled
-
-    def _error_file(self, worker: Worker) -> Path:
-        return self.out / "logs" / f"torchrun-error-{worker.name}.json"
+        message = self._error_message(worker) or ""
+        return any(p in message for p in PEER_LOST) and self.restarts not in worker.signalled
 
     def record(self) -> dict[str, Any]:
-        return {"slurm": {"job_id": self.job_id, "allocation": self.step is not None,
-                          "script": str(self.out / "slurm" / f"{self.plan.run_id}.sbatch")},
+        return {"slurm": {"job_id": self.job_id, "allocation": self.step is not None, "host": self.host.where,
+                          "script": f"{self.out}/slurm/{self.plan.run_id}.sbatch"},
                 "nodes": {n: {"host": n} for n in self._workers if n != "batch"}}

@@ -52,6 +52,27 @@ def targets_for(cfg: JobConfig) -> dict[str, Any]:
     return out
 
 
+def login_target(cfg: JobConfig) -> Any:
+    """The Slurm login node (`cluster.slurm.login`: `[user@]host[:port]` or an ssh alias), with
+    the cluster's SSH settings."""
+    from launcher import ssh
+
+    cluster = cfg.cluster
+    assert cluster is not None and cluster.slurm is not None and cluster.slurm.login
+    s = cluster.ssh
+    spec = cluster.slurm.login
+    user, _, hostport = spec.rpartition("@")
+    host, sep, port = hostport.rpartition(":") if hostport.count(":") == 1 else ("", "", "")
+    host, port_n = (host, int(port)) if sep and port.isdigit() else (hostport, None)
+    return ssh.SSHTarget(
+        host=host, port=port_n or (s.port if s.port != 22 else None), user=user or s.user,
+        identity_file=_expand(s.identity_file), known_hosts=_expand(s.known_hosts), host_key_policy=s.host_key_policy,
+        connect_timeout=s.connect_timeout_s, keepalive=s.keepalive_s, proxy_jump=s.proxy_jump,
+        ssh_config=_expand(s.config_file) if s.config_file and Path(os.path.expanduser(s.config_file)).exists() else None,
+        name=spec,
+    )
+
+
 def _expand(path: str | None) -> str | None:
     return os.path.expanduser(path) if path else None
 

@@ -221,3 +221,26 @@ def test_inside_an_allocation_the_job_is_one_step(tmp_path: Path, slurm: Any) ->
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr
     assert "inside allocation" in res.stderr and "submitted batch job" not in res.stderr
     assert [r["step"] for r in read_metrics(tmp_path / "run")][-1] == 3
+
+
+def test_through_a_login_node_over_ssh(tmp_path: Path, slurm: Any, ssh_cluster: Any) -> None:
+    """mlaunch on a "laptop" that has no Slurm configuration: sbatch, scontrol and the logs go
+    through SSH to a login node (an sshd node here) whose `cluster.setup` points at the cluster."""
+    login = ssh_cluster(1)[0]
+    laptop, remote = tmp_path / "laptop", tmp_path / "login"
+    config = slurm_job(laptop, slurm, max_steps=3, output_dir="run")  # relative: on the login node's workdir
+    data = yaml.safe_load(config.read_text())
+    data["cluster"]["slurm"]["login"] = f"{login.host}:{login.port}"
+    data["cluster"]["ssh"] = {"identity_file": ssh_cluster.identity_file, "known_hosts": ssh_cluster.known_hosts,
+                              "config_file": ssh_cluster.empty_ssh_config}
+    data["cluster"]["workdir"] = str(remote)
+    data["cluster"]["setup"] = f"export SLURM_CONF={slurm.conf}"
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    env = {k: v for k, v in slurm.env.items() if k != "SLURM_CONF"}  # a Slurm command run here would fail
+    res = subprocess.run([*MLAUNCH, "run", str(config)], cwd=laptop, env=env, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr
+    assert f"on the login node {login.host}:{login.port}" in res.stderr
+    assert [r["step"] for r in read_metrics(remote / "run")][-1] == 3  # the job ran in the login node's workdir
+    for node in slurm.nodes:  # and the laptop keeps a copy of every node's log
+        assert "MLAUNCH_EXIT=0 " in node_log(remote / "run", node) and "MLAUNCH_EXIT=0 " in node_log(laptop / "run", node)
+    assert json.loads((laptop / "run" / "logs" / "run.json").read_text())["slurm"]["host"].startswith("login node")
