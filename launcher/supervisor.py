@@ -203,7 +203,8 @@ class Supervisor:
         that cannot complete (a node that cannot reach the master, a firewall) would otherwise
         wait out its join timeout without a word."""
         after = self.cfg.launch.silence_warning_s
-        if not self.nodes:
+        if not self.nodes or self.job.waiting():
+            self.silence_reported = time.monotonic()  # the clock starts once the job runs
             return
         now = time.monotonic()
         last = max(n.last_output for n in self.nodes.values())

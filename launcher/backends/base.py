@@ -77,6 +77,10 @@ class Job(ABC):
     def stop(self, grace_s: float) -> list[str]:
         """Stop every node, and verify nothing is left; the problems found, as lines to say."""
 
+    def waiting(self) -> bool:
+        """Silence is expected now (a Slurm job pending in the queue says so itself)."""
+        return False
+
     def stopped_note(self) -> str:
         """After `stop`: what is known of the nodes now (said to the user)."""
         return "no process of the run is left"

@@ -344,6 +344,9 @@ class SlurmJob(Job):
             return [f"job {self.job_id} is still {state} {grace_s + 30:g}s after scancel; check `squeue -j {self.job_id}`"]
         return []
 
+    def waiting(self) -> bool:
+        return self.state in ("PENDING", "REQUEUED", "CONFIGURING")
+
     def stopped_note(self) -> str:
         return (f"the step in allocation {self.job_id} has ended" if self.step is not None else
                 f"job {self.job_id} is {self.state.lower()}, and Slurm ends its processes on every node")
