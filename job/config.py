@@ -63,7 +63,8 @@ class SSHSettings(Section):
     config_file: str | None = Field("~/.ssh/config", description="OpenSSH client config honoured for HostName, User, Port, IdentityFile, ProxyJump (ignored if missing).")
     proxy_jump: str | None = Field(None, description="Jump host (`user@host:port`) for every node, like `ssh -J`.")
     connect_timeout_s: float = Field(10.0, gt=0, description="Deadline for TCP connect + SSH handshake + auth, per node.")
-    keepalive_s: int = Field(15, ge=0, description="SSH keepalive interval; a dead connection is noticed within ~3 intervals (0 = off).")
+    keepalive_s: float = Field(5.0, ge=0, description="Liveness: every node's sshd is asked for a reply this often during a run (OpenSSH's ServerAliveInterval); 0 = off.")
+    keepalive_count: int = Field(3, ge=1, description="A node that has not answered for keepalive_s × keepalive_count seconds (a frozen or partitioned node) is declared lost, and the run stopped (OpenSSH's ServerAliveCountMax).")
     max_parallel: int = Field(32, ge=1, description="Connections opened at once.")
 
 
@@ -110,11 +111,30 @@ class ClusterConfig(Section):
     workdir: str = Field("~/mlaunch", description="Directory on every node holding the project (shared filesystem, or the target of `sync`); jobs run from here.")
     python: str = Field("python3", description="Python interpreter on the nodes (torchrun is run as `<python> -m torch.distributed.run`).")
     setup: str | None = Field(None, description="Shell prelude run before the job on every node, e.g. `source ~/venv/bin/activate`.")
-    env: dict[str, str] = Field(default_factory=dict, description="Environment set for the job on every node (values are quoted, never evaluated by a shell).")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment set for the job on every node (values are quoted, never evaluated by a shell; YAML numbers and booleans are passed as written: `4`, `0`, `false`).")
     env_passthrough: list[str] = Field(default_factory=lambda: list(DEFAULT_PASSTHROUGH), description="Glob patterns of local environment variables passed to every node; nothing else is passed implicitly.")
     sync: bool = Field(False, description="Push the project to each node's `workdir` over SFTP before the run (only changed files).")
     sync_exclude: list[str] = Field(default_factory=list, description="Extra glob patterns not pushed by `sync` (.git, virtualenvs, __pycache__ and run outputs never are).")
     gpu: GPUSpec = Field(default_factory=GPUSpec, description="Hardware facts for the `auto` planner.")
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env_scalars(cls, v: Any) -> Any:
+        """`OMP_NUM_THREADS: 4`, `NCCL_IB_DISABLE: 0`, `TOKENIZERS_PARALLELISM: false`: YAML reads
+        numbers and booleans, every user writes them so; a shell sees `4`, `0`, `false`."""
+        if not isinstance(v, dict):
+            return v
+        out = {}
+        for name, value in v.items():
+            if isinstance(value, bool):
+                out[name] = "true" if value else "false"
+            elif isinstance(value, (int, float, str)):
+                out[name] = str(value)
+            elif value is None:
+                raise ValueError(f"{name} has no value; write `{name}: \"\"` for an empty one")
+            else:
+                raise ValueError(f"{name}: a {type(value).__name__} is not a value an environment variable can hold; quote it")
+        return out
 
     @model_validator(mode="after")
     def _unique_nodes(self) -> "ClusterConfig":
@@ -175,6 +195,8 @@ class LaunchConfig(Section):
     monitor_interval_s: float = Field(1.0, gt=0, description="torchrun's worker health-check interval.")
     local_ranks_filter: list[int] | None = Field(None, description="Only these local ranks' output is shown (torchrun `--local-ranks-filter`); errors always print.")
     grace_period_s: float = Field(10.0, ge=0, description="On stop: seconds between SIGTERM and SIGKILL.")
+    job_restarts: int = Field(0, ge=0, description="After a node's failure, a lost node, a hang or a dropped connection: stop everything, check the nodes, and start the job again from its newest complete checkpoint, up to this many times (each restart said with its cause). With `nnodes: MIN:MAX`, nodes that no longer answer are left out if at least MIN remain. A user error (bad config, diverged loss) and Ctrl-C are not retried. torchrun's in-place `max_restarts` is separate.")
+    hang_timeout_s: float | None = Field(None, gt=0, description="A run in which no step completes anywhere for this long (or a rank stops reporting for this long) is hung: the ranks that stopped first are named, every reachable rank's Python stack is saved under `<output_dir>/logs/`, and the job is stopped. Unset: 20 × the slowest step seen, at least 300 s; checkpoints, evaluation and set-up do not count as stalls.")
     silence_warning_s: float = Field(60.0, gt=0, description="Say what the run waits for (e.g. a node that never joins the rendezvous) when no node has printed anything for this long.")
 
     @field_validator("nproc_per_node")
@@ -336,6 +358,7 @@ class TrainConfig(Section):
     eval_every: int | None = Field(None, ge=1, description="Eval loss on the held-out split every N steps (and at the end).")
     output_dir: str = Field("runs/default", description="Run outputs: resolved config, logs, metrics.jsonl, checkpoints, export.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: CUDA (NCCL) when available, else CPU (gloo).")
+    dist_timeout_s: float = Field(900.0, gt=0, description="Collective timeout of the process group: a collective that a peer never joins fails after this long instead of waiting forever (gloo's default is 30 min, NCCL's 10). It also bounds the node-local data preparation (local rank 0 tokenizes while the others wait in a barrier). mlaunch's hang detection (`launch.hang_timeout_s`) acts much sooner.")
     tensorboard: bool = Field(False, description="Also write TensorBoard scalars (when tensorboard is installed).")
 
 
@@ -375,8 +398,35 @@ def _compose(text: str, file: str, prefix: tuple, smap: SourceMap) -> Any:
         where = f"{file}:{mark.line + 1}" if mark else file
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{where}: invalid YAML: {problem}; fix the syntax (indentation, quotes, colons)") from e
+    if root is None and not re.sub(r"(?m)^\s*#.*$", "", text).strip():
+        raise ConfigError(f"{file}: the file is empty; a job YAML has `train:` (and optionally `cluster:`, `launch:`), "
+                          "see configs/tiny.yaml")
+    if root is not None and _expanded_size(root, {}) > MAX_YAML_VALUES:
+        raise ConfigError(f"{file}: its aliases expand to more than {MAX_YAML_VALUES:,} values (nested anchors, "
+                          "a \"billion laughs\" document); write the values out instead of aliasing aliases")
     smap.lines.setdefault(prefix, (file, 1))
     return _to_python(root, file, prefix, smap)
+
+
+#: A job YAML holds hundreds of values; nested aliases can make a few lines expand exponentially.
+MAX_YAML_VALUES = 100_000
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """How many values the node stands for once every alias is expanded (aliases are shared
+    nodes in the composed graph: counted once each, multiplied by their uses)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    memo[key] = 1  # a recursive alias counts once (the safe constructor refuses it anyway)
+    if isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(item, memo) for item in node.value)
+    else:
+        size = 1
+    memo[key] = min(size, MAX_YAML_VALUES + 1)
+    return memo[key]
 
 
 def _to_python(node: yaml.Node | None, file: str, path: tuple, smap: SourceMap) -> Any:

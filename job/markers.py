@@ -16,8 +16,21 @@ STARTED = "MLAUNCH_STARTED="
 #: node failed first, when `--kill-on-bad-exit` then ends the others.
 EXIT = "MLAUNCH_EXIT="
 
+#: `MLAUNCH_BEAT=<rank> <completed steps> <phase> <unix time>`: every rank, every few seconds
+#: (train/heartbeat.py), for the supervisor's hang detection. Kept off the terminal and the logs.
+BEAT = "MLAUNCH_BEAT="
+BEAT_INTERVAL_S = 2.0
+
+
+def beat_interval(hang_timeout_s: float | None) -> float:
+    """How often ranks beat: every 2 s, or 5 times per hang timeout when that is shorter."""
+    return min(BEAT_INTERVAL_S, hang_timeout_s / 5) if hang_timeout_s else BEAT_INTERVAL_S
+
+#: The environment variable that carries the run id into every process of a run (launcher/procs.py).
+RUN_ID_VAR = "MLAUNCH_RUN_ID"
+
 #: Every marker, for the runners to keep them in the logs and off the terminal.
-ALL = (STARTED, EXIT)
+ALL = (STARTED, EXIT, BEAT)
 
 #: The other direction, launcher → ranks: an environment variable naming a file whose appearance
 #: asks every rank to checkpoint at its next step and stop with exit 0 (the Slurm batch shell

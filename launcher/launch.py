@@ -2,8 +2,12 @@
 
 provision (reach the nodes, learn addresses and GPUs; every failure reported, nothing started)
 → plan (pure: launcher/plan.py) → setup (code, resolved config, port checks) → start →
-supervise (launcher/supervisor.py: streaming, watchdog, first failure stops all, report) →
-teardown (connections closed; the supervisor has already stopped and verified every node).
+supervise (launcher/supervisor.py: streaming, liveness, hangs, first failure stops all, report)
+→ teardown (connections closed; the supervisor has already stopped and verified every node).
+
+With `launch.job_restarts: N`, a run that failed for a reason another start could cure (a node
+failed, was lost or hung) goes round again, up to N times: a new run id, the same output
+directory, so the trainer resumes from its newest complete checkpoint (`resume: auto`).
 """
 
 from __future__ import annotations
@@ -11,15 +15,32 @@ from __future__ import annotations
 from pathlib import Path
 
 from job.config import JobConfig
+from job.errors import MlaunchError
 from launcher.backends import backend_for
 from launcher.backends.base import Backend
 from launcher.console import say
 from launcher.planning import build_plan
-from launcher.supervisor import Supervisor
+from launcher.supervisor import Supervisor, Verdict
 
 
 def launch(cfg: JobConfig, backend: Backend | None = None, *, standalone: bool = False) -> int:
-    backend = backend or backend_for(cfg, standalone=standalone)
+    restarts = cfg.launch.job_restarts
+    for attempt in range(restarts + 1):
+        if attempt:
+            cfg = nodes_for_restart(cfg)
+        verdict = launch_once(cfg, backend if attempt == 0 and backend else backend_for(cfg, standalone=standalone))
+        if verdict.code == 0 or not verdict.retry:
+            return verdict.code
+        if attempt == restarts:
+            if restarts:
+                say(f"giving up: the job failed again after {restarts} restart(s) (launch.job_restarts)")
+            return verdict.code
+        say(f"restart {attempt + 1} of {restarts} (launch.job_restarts) after: {verdict.cause}; "
+            "the job resumes from its newest complete checkpoint")
+    raise AssertionError("unreachable")
+
+
+def launch_once(cfg: JobConfig, backend: Backend) -> Verdict:
     local = backend.name == "local"
     try:
         found = backend.provision()
@@ -29,8 +50,39 @@ def launch(cfg: JobConfig, backend: Backend | None = None, *, standalone: bool =
         say(f"run {plan.run_id}: {backend.describe(plan)}")
         job = backend.start(plan)
         try:
-            return Supervisor(cfg, plan, job, prefixed=not local).run()
+            supervisor = Supervisor(cfg, plan, job, prefixed=not local)
+            supervisor.run()
+            return supervisor.verdict
         finally:
             job.close()
     finally:
         backend.teardown()
+
+
+def nodes_for_restart(cfg: JobConfig) -> JobConfig:
+    """Before a restart over SSH: check that every node answers. With `launch.nnodes: MIN:MAX`,
+    go on without the ones that do not, if at least MIN answer; otherwise stop here, naming them."""
+    cluster = cfg.cluster
+    if cluster is None or cluster.backend != "ssh":
+        return cfg
+    from launcher import ssh
+    from launcher.backends.ssh import targets_for
+    from launcher.plan import nnodes_bounds
+
+    results = ssh.connect_all(targets_for(cfg), max_workers=cluster.ssh.max_parallel)
+    ssh.close_all(results)
+    names = list(results)
+    down = [n for n, r in results.items() if isinstance(r, Exception)]
+    if not down:
+        return cfg
+    lo, hi = nnodes_bounds(cfg.launch.nnodes or str(len(names)))
+    healthy = len(names) - len(down)
+    why = "; ".join(str(results[n]) for n in down)
+    if lo == hi or healthy < lo:
+        raise MlaunchError(f"cannot restart: {len(down)} of {len(names)} node(s) do not answer ({why}); "
+                           + (f"fewer than launch.nnodes minimum {lo} remain" if lo != hi else
+                              "launch.nnodes: MIN:MAX lets a restart go on without them"))
+    say(f"restarting without {', '.join(down)} (not answering): {healthy} node(s), launch.nnodes={lo}:{hi}")
+    kept = [node for i, node in enumerate(cluster.nodes) if cluster.node_name(i) not in down]
+    return cfg.model_copy(update={"cluster": cluster.model_copy(update={"nodes": kept}),
+                                  "launch": cfg.launch.model_copy(update={"nnodes": f"{lo}:{min(hi, healthy)}"})})

@@ -14,10 +14,11 @@ from typing import Any, Mapping
 from job.config import JobConfig
 from job.errors import ConfigError
 from job.markers import CHECKPOINT_REQUEST_VAR
+from launcher.procs import NODE_VAR
 from launcher.shell import RUN_ID_VAR, job_command
 
 TORCHRUN = ["-m", "torch.distributed.run"]
-_SECRET = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+_SECRET = re.compile(r"TOKEN(?!IZER)|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)  # not TOKENIZERS_PARALLELISM
 
 
 @dataclass(frozen=True)
@@ -206,7 +207,8 @@ def make_plan(
         argv += ["--max-restarts", str(launch.max_restarts), "--monitor-interval", _num(launch.monitor_interval_s),
                  *ranks_filter, *train_args]
         nodes.append(NodePlan(i, cluster.node_name(i), spec.host, cluster.node_port(i), spec.user or cluster.ssh.user,
-                              node_addr[i], cluster.node_workdir(i), nproc, why, node_python, argv, dict(env_common),
+                              node_addr[i], cluster.node_workdir(i), nproc, why, node_python, argv,
+                              {**env_common, NODE_VAR: cluster.node_name(i)},
                               cluster.setup))
     return Plan(job, run_id, False, rdzv, nodes, world, config_path, cfg.train.output_dir, cfg, parallel or {}, "ssh")
 
@@ -249,7 +251,8 @@ def _slurm_plan(cfg: JobConfig, *, job: str, run_id: str, config_path: str, env:
     nodes = [NodePlan(i, f"slurm-node-{i}", "(allocated by Slurm)", 0, None, sbatch.NODE_ADDR, workdir or ".", nproc, why,
                       head[0], argv, dict(env), cluster.setup) for i in range(slurm.nodes)]
     text = sbatch.script(slurm, job_name=job, run_id=run_id, nodes=slurm.nodes, output_dir=cfg.train.output_dir,
-                         workdir=workdir, argv=argv, env=env, setup=cluster.setup, rdzv_port_base=launch.rdzv.port)
+                         workdir=workdir, argv=argv, env=env, setup=cluster.setup, rdzv_port_base=launch.rdzv.port,
+                         job_restarts=launch.job_restarts)
     return Plan(job, run_id, False, rdzv, nodes, nproc * slurm.nodes, config_path, cfg.train.output_dir, cfg, parallel,
                 "slurm", text)
 

@@ -20,12 +20,24 @@ import time
 
 #: Name of the variable that marks every process of one run (torchrun's workers inherit it).
 RUN_ID_VAR = "MLAUNCH_RUN_ID"
+#: And the node it was started for: where several "nodes" share a machine (tests, or two sshd on
+#: one host), stopping one node's job must not wait on, or end, the other's. A run id written
+#: `RUN_ID@NODE` selects that node's processes only (run ids never contain `@`).
+NODE_VAR = "MLAUNCH_NODE"
+
+
+def scoped(run_id: str, node: str) -> str:
+    """`RUN_ID@NODE` when the node's name can travel as one argument, else the run id alone."""
+    ok = node and all(c.isalnum() or c in "_.:-" for c in node)
+    return f"{run_id}@{node}" if ok else run_id
 
 
 def run_processes(run_id: str) -> list[int]:
     """PIDs of live processes whose environment carries this run's id (ours excluded). A zombie's
     environ reads empty, so a process that has died counts as gone before it is reaped."""
+    run_id, _, node = run_id.partition("@")
     needle = f"{RUN_ID_VAR}={run_id}".encode()
+    node_needle = f"{NODE_VAR}={node}".encode() if node else None
     me = os.getpid()
     found = []
     for name in os.listdir("/proc"):
@@ -36,9 +48,30 @@ def run_processes(run_id: str) -> list[int]:
                 env = f.read().split(b"\0")
         except OSError:  # gone meanwhile, or another user's process
             continue
-        if needle in env:
+        if needle in env and (node_needle is None or node_needle in env):
             found.append(int(name))
     return sorted(found)
+
+
+def run_workers(run_id: str) -> list[int]:
+    """The run's rank processes: those of its processes that torchrun gave a LOCAL_RANK (torchrun
+    itself, the shell and helpers have none)."""
+    workers = []
+    for pid in run_processes(run_id):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if any(v.startswith(b"LOCAL_RANK=") for v in f.read().split(b"\0")):
+                    workers.append(pid)
+        except OSError:
+            continue
+    return workers
+
+
+def signal_workers(run_id: str, sig: int) -> list[int]:
+    """Send `sig` to every rank process of the run (e.g. SIGUSR1: dump your stacks); the pids."""
+    pids = run_workers(run_id)
+    _send(pids, sig)
+    return pids
 
 
 def _send(pids: list[int], sig: int) -> None:
@@ -77,10 +110,13 @@ def end_run(run_id: str, grace_s: float, recorded: list[int] = ()) -> dict[str, 
 
 
 def main(argv: list[str]) -> None:
-    """`RUN_ID list` or `RUN_ID kill GRACE [PID ...]`: one JSON line on stdout (for the SSH layer)."""
+    """`RUN_ID list`, `RUN_ID signal-workers SIGNUM` or `RUN_ID kill GRACE [PID ...]`: one JSON
+    line on stdout (for the SSH layer)."""
     run_id, mode = argv[0], argv[1]
     if mode == "list":
         print(json.dumps({"pids": run_processes(run_id)}))
+    elif mode == "signal-workers":
+        print(json.dumps({"pids": signal_workers(run_id, int(argv[2]))}))
     else:
         print(json.dumps(end_run(run_id, float(argv[2]), [int(p) for p in argv[3:]])))
 

@@ -64,6 +64,7 @@ def script(
     env: Mapping[str, str],
     setup: str | None,
     rdzv_port_base: int,
+    job_restarts: int = 0,
 ) -> str:
     """The batch script. It is submitted from `workdir` (None: the directory mlaunch runs in), so
     the job runs there: no `--chdir`, which would not expand `~`."""
@@ -145,6 +146,10 @@ def script(
         "  exit 75",
         "fi",
         'echo "mlaunch: step ended with exit code $code"',
+        *([f'if [ "$code" != 0 ] && [ "$restarts" -lt {job_restarts} ]; then  # launch.job_restarts',
+           '  echo "mlaunch: requeueing job $SLURM_JOB_ID after the failure; it resumes from the newest complete checkpoint"',
+           '  scontrol requeue "$SLURM_JOB_ID"; exit 0',
+           "fi"] if job_restarts else []),
         "exit $code",
     ]
     return "\n".join(lines) + "\n"

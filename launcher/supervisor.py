@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from job.config import JobConfig
-from job.markers import STARTED, is_marker
+from job.files import publish_file
+from job.markers import BEAT, STARTED, beat_interval, is_marker
 from launcher.backends.base import Job, NodeOutcome, Worker
 from launcher.console import say
 from launcher.plan import Plan
@@ -24,9 +25,28 @@ from launcher.stopping import Stop
 
 #: Other nodes are stopped within this many seconds of a node's failure.
 STOP_DEADLINE_S = 15.0
+#: The exit code of a run stopped as hung (as timeout(1) reports a command it stopped).
+EXIT_HUNG = 124
+#: Without launch.hang_timeout_s: this many times the slowest step seen, and at least the floor.
+HANG_STEPS, HANG_FLOOR_S = 20, 300.0
+#: Phases in which a rank may legitimately go long without completing a step.
+LONG_PHASES = {"setup", "eval", "checkpoint", "export", "done"}
 TAIL_LINES = 20
 TICK_S = 0.5
+#: After asking the ranks for their stacks: time for the answers to be written.
+STACK_WAIT_S = 2.0
 _COLOURS = ["36", "33", "35", "32", "34", "31", "96", "93", "95", "92", "94", "91"]
+
+
+@dataclass
+class Verdict:
+    """How a run ended, for launch.job_restarts: the exit code, and whether starting again from
+    the newest checkpoint could help (a node failed, was lost or hung — not a user error, not a
+    Ctrl-C)."""
+
+    code: int
+    retry: bool = False
+    cause: str = ""
 
 
 @dataclass
@@ -55,6 +75,8 @@ class Supervisor:
         # Slurm's node names are known once the job runs (_adopt widens the column then).
         self.width = 0 if plan.backend == "slurm" else max(len(n.name) for n in plan.nodes)
         self.silence_reported = time.monotonic()
+        self.beats = _Beats(cfg.launch.hang_timeout_s)
+        self.verdict = Verdict(0)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
@@ -62,6 +84,7 @@ class Supervisor:
             self._adopt()
             self._write_record()
             failed: _Node | None = None
+            hang: str | None = None
             while not stop.event.is_set():
                 for name, outcome in self.job.poll().items():
                     outcome.at = outcome.at or time.time()
@@ -76,15 +99,22 @@ class Supervisor:
                 self.changed.wait(TICK_S)
                 self.changed.clear()
                 self._check_silence()
+                hang = self.beats.check()
+                if hang is not None:
+                    break
 
             if stop.signum is not None:
                 return self._stopped(stop)
+            if hang is not None:
+                return self._hung(hang)
+
             if failed is not None:
                 return self._failed(failed)
             code, why = self.job.final()
             self._close_logs()
             if code != 0:
                 say(f"run {self.plan.run_id} failed: {why or f'exit code {code}'}; logs: {self.logs}/")
+                self.verdict = Verdict(code)
                 return code
             for problem in self.job.stop(grace_s=3.0):  # after a clean end: anything left is ended, and said
                 say(problem)
@@ -98,6 +128,7 @@ class Supervisor:
             say(problem)
         self._drain()
         say(f"stopped run {self.plan.run_id}: {self.job.stopped_note()}; shutdown output is in {self.logs}/")
+        self.verdict = Verdict(stop.exit_code)
         return stop.exit_code
 
     def _failed(self, node: _Node) -> int:
@@ -109,7 +140,8 @@ class Supervisor:
             say(f"node {node.worker.name} {why}; stopping the other nodes")
         self.quiet.set()
         t0 = time.monotonic()
-        for problem in self.job.stop(min(self.cfg.launch.grace_period_s, STOP_DEADLINE_S - 3)):
+        # A lost node's peers wait in a collective that will never complete: SIGTERM cannot reach them.
+        for problem in self.job.stop(min(self.cfg.launch.grace_period_s, STOP_DEADLINE_S - 3), force=bool(outcome.lost)):
             say(problem)
         if others:
             say(f"all nodes stopped in {time.monotonic() - t0:.1f}s")
@@ -121,7 +153,32 @@ class Supervisor:
         code = outcome.code if (outcome.code not in (None, 0, -1) and not outcome.lost) else 255
         where = f"on node {node.worker.name} " if others or self.plan.backend != "local" else ""
         say(f"run failed {where}({why}){f': {cause}' if cause else ''}; logs: {self.logs}/")
+        # A rank's own user error (bad config, diverged loss) would fail again: not retried. On
+        # Slurm the batch script has requeued the job already as long as restarts were left.
+        self.verdict = Verdict(code, retry=cause is None and self.plan.backend != "slurm",
+                               cause=f"node {node.worker.name} {why}")
         return code
+
+    def _hung(self, why: str) -> int:
+        """Name who stopped, keep every reachable rank's stack, stop the job."""
+        say(f"run {self.plan.run_id} is hung: {why}")
+        self.quiet.set()
+        stacks = Path(self.plan.output_dir) / "logs" / "stacks"
+        try:
+            self.job.dump_stacks()
+            time.sleep(STACK_WAIT_S)  # faulthandler writes from the signal handler: at once, if the rank runs at all
+            saved = self.job.collect_stacks(stacks)
+            say(f"Python stacks of {saved} rank(s) that could answer are in {stacks}/" if saved else
+                "no rank could answer for its stack (stopped or gone)")
+        except Exception as e:  # the report must not keep the job from being stopped
+            say(f"could not collect the ranks' stacks: {e}")
+        for problem in self.job.stop(min(self.cfg.launch.grace_period_s, STOP_DEADLINE_S - 3), force=True):
+            say(problem)
+        self._drain()
+        say(f"run failed: hung ({why.split(' (')[0]}); logs: {self.logs}/")
+        # On Slurm too: the job was cancelled, a restart submits it again.
+        self.verdict = Verdict(EXIT_HUNG, retry=True, cause=f"hung: {why.split(' (')[0]}")
+        return EXIT_HUNG
 
     def _first_failure(self) -> _Node | None:
         bad = [(self.job.secondary(self.nodes[n].worker), o.at, n) for n, o in self.outcomes.items()
@@ -157,6 +214,9 @@ class Supervisor:
             for raw in node.worker.lines():
                 # A carriage-return redraw (a progress bar that slipped through): keep its final state.
                 line = raw.rstrip("\r\n").rsplit("\r", 1)[-1]
+                if line.startswith(BEAT):  # many, and only for us: not even the log keeps them
+                    self.beats.heard(node.worker.name, line)
+                    continue
                 node.last_output = time.monotonic()
                 if node.log is not None:
                     node.log.write(line + "\n")
@@ -194,7 +254,7 @@ class Supervisor:
 
     def _write_record(self) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
-        (self.logs / "run.json").write_text(json.dumps(
+        publish_file(self.logs / "run.json", json.dumps(
             {"run_id": self.plan.run_id, "backend": self.plan.backend, **self.job.record()}, indent=2))
 
     # ------------------------------------------------------------------ silence
@@ -220,3 +280,75 @@ class Supervisor:
             quietest = min(self.nodes.values(), key=lambda n: n.last_output)
             say(f"no output from any node for {now - last:.0f}s (quietest: {quietest.worker.name}, last line: "
                 f"{(quietest.tail[-1] if quietest.tail else '-')[:120]!r}); Ctrl-C stops the run on every node")
+
+
+class _Beats:
+    """Every rank's last heartbeat (train/heartbeat.py) and the progress of the job as a whole:
+    the hang detector. A hang is a stretch of `timeout` with no step completed anywhere (outside
+    set-up, evaluation and checkpoints), or a rank that stopped beating for that long."""
+
+    def __init__(self, timeout_s: float | None) -> None:
+        self.fixed = timeout_s
+        self.ranks: dict[int, tuple[str, int, str, float]] = {}  # rank -> (node, step, phase, heard at)
+        self.max_step = -1
+        self.progress_at: float | None = None
+        self.slowest = 0.0  # the longest stretch between two completed steps, for the adaptive timeout
+        self.lock = threading.Lock()
+
+    @property
+    def timeout(self) -> float:
+        return self.fixed if self.fixed is not None else max(HANG_FLOOR_S, HANG_STEPS * self.slowest)
+
+    def heard(self, node: str, line: str) -> None:
+        try:
+            rank_s, step_s, phase = line[len(BEAT):].split()[:3]
+            rank, step = int(rank_s), int(step_s)
+        except ValueError:
+            return
+        now = time.monotonic()
+        with self.lock:
+            self.ranks[rank] = (node, step, phase, now)
+            if step > self.max_step:
+                if self.progress_at is not None and self.max_step >= 1:
+                    self.slowest = max(self.slowest, (now - self.progress_at) / (step - self.max_step))
+                self.max_step, self.progress_at = step, now
+
+    def check(self) -> str | None:
+        """None, or why the job is hung and who stopped first."""
+        with self.lock:
+            if not self.ranks or self.progress_at is None:
+                return None
+            now, timeout = time.monotonic(), self.timeout
+            if any(phase in LONG_PHASES for _, _, phase, heard in self.ranks.values() if now - heard < timeout):
+                self.progress_at = now  # the clock pauses while a rank is legitimately busy
+            silent = {r: v for r, v in self.ranks.items() if now - v[3] >= timeout}
+            if not silent and now - self.progress_at < timeout:
+                return None
+            gap = beat_interval(self.fixed)  # what the ranks use
+            stale = {r: v for r, v in self.ranks.items() if now - v[3] > 3 * gap}
+            if stale:
+                first = min(v[3] for v in stale.values())
+                who = {r: v for r, v in stale.items() if v[3] - first < gap * 1.5}
+                what = "stopped reporting first"
+            else:
+                low = min(v[1] for v in self.ranks.values())
+                who = {r: v for r, v in self.ranks.items() if v[1] == low}
+                what = "are all waiting" if len(who) == len(self.ranks) else "are behind the others"
+            limit = f"launch.hang_timeout_s={timeout:g}{'' if self.fixed is not None else ', adaptive'}"
+            if silent and now - self.progress_at < timeout:
+                return f"a rank stopped reporting for {timeout:g} s ({limit}); {_describe(who, now)} {what}"
+            return f"no step completed for {now - self.progress_at:.0f} s ({limit}); {_describe(who, now)} {what}"
+
+
+def _describe(ranks: dict[int, tuple[str, int, str, float]], now: float) -> str:
+    """`rank 2, 3 on node 127.0.0.3 (last heard 21 s ago, step 14, phase forward_backward)`."""
+    by_node: dict[str, list[int]] = {}
+    for r, (node, *_rest) in sorted(ranks.items()):
+        by_node.setdefault(node, []).append(r)
+    parts = []
+    for node, rs in by_node.items():
+        _, step, phase, heard = ranks[rs[0]]
+        label = "rank" if len(rs) == 1 else "ranks"
+        parts.append(f"{label} {', '.join(map(str, rs))} on node {node} (last heard {now - heard:.0f} s ago, "
+                     f"step {step}, phase {phase})")
+    return "; ".join(parts)

@@ -159,6 +159,25 @@ def kill_run(proc: subprocess.Popen, run_id: str, sig: int = signal.SIGKILL) -> 
             pass
 
 
+def process_tree(pid: int) -> list:
+    """The process and all its descendants (psutil.Process objects)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def send_all(procs: list, sig: int) -> None:
+    """`sig` to each of `procs` that is still there (SIGSTOP / SIGCONT a node, a rank ...)."""
+    import psutil
+
+    for p in procs:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
 def wait_until(pred: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
     """Poll `pred` until it holds or `timeout` s pass; its last answer."""
     deadline = time.monotonic() + timeout
@@ -202,7 +221,7 @@ def torchrun_worker(body: Callable[[Any], None]) -> None:
     env = D.DistEnv.from_env()
     code, clean = 1, False
     try:
-        D.init_process_group(env, torch.device("cpu"))
+        D.init_process_group(env, torch.device("cpu"), 300.0)
         body(env)
         code, clean = 0, True
     except BaseException:

@@ -14,12 +14,25 @@ import traceback
 
 from job.config import load_config
 from job.errors import MlaunchError
-from job.markers import STARTED
+from job.markers import RUN_ID_VAR, STARTED, beat_interval
 from train import distributed as D
 
 #: How long a rank other than 0 waits, after a user error found before the process group, for
 #: rank 0 to report it (torchrun stops every worker once the first one exits).
 PEER_REPORT_GRACE_S = 3.0
+
+
+def _heartbeat(job, env: D.DistEnv):
+    """Under mlaunch (its run id in the environment), every rank beats for the hang detection."""
+    if RUN_ID_VAR not in os.environ:
+        return None
+    from pathlib import Path
+
+    from train.heartbeat import Heartbeat
+
+    beat = Heartbeat(env.rank, interval_s=beat_interval(job.launch.hang_timeout_s))
+    beat.dump_stacks_on(Path(job.train.output_dir) / "logs")
+    return beat.start()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,12 +55,15 @@ def main(argv: list[str] | None = None) -> None:
             print(why, file=sys.stderr, flush=True)
         layout = Layout.from_config(job.train.parallel, env.world_size, env.local_world_size)
         D.set_cpu_threads(env, device)
-        D.init_process_group(env, device)
+        D.init_process_group(env, device, job.train.dist_timeout_s)
         if env.is_rank0:  # the launcher's sign that every node joined the rendezvous
             print(f"{STARTED}{env.world_size}", flush=True)
+        beat = _heartbeat(job, env)
         from train.loop import train
 
-        code = train(job, env, layout, device, stop)
+        code = train(job, env, layout, device, stop, beat)
+        if beat is not None:
+            beat.stop()
         clean = True  # every rank got here together: the shutdown barrier is safe
     except MlaunchError as e:  # a user-fixable failure (bad config, diverged loss): one line
         code = e.exit_code

@@ -23,9 +23,6 @@ from job.errors import ConfigError
 from job.files import publish_file
 from job.markers import CHECKPOINT_REQUEST_VAR
 
-# Worst case a rank waits on its peers: node-local data preparation and tokenizer training run
-# on local rank 0 while the others sit in a barrier.
-PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
 
 
 @dataclass(frozen=True)
@@ -78,14 +75,15 @@ def set_cpu_threads(env: DistEnv, device: torch.device) -> None:
     torch.set_num_threads(max(1, cores // env.local_world_size))
 
 
-def init_process_group(env: DistEnv, device: torch.device) -> None:
+def init_process_group(env: DistEnv, device: torch.device, timeout_s: float) -> None:
     """NCCL for GPU tensors plus gloo for CPU ones (DCP and object collectives use both); gloo
-    alone on CPU. Alone (no torchrun) there is no process group at all."""
+    alone on CPU. Alone (no torchrun) there is no process group at all. `timeout_s`
+    (train.dist_timeout_s) bounds every collective: a peer that never comes fails it."""
     if not env.under_torchrun:
         return
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
-    dist.init_process_group(backend=backend, timeout=PROCESS_GROUP_TIMEOUT, **kwargs)
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kwargs)
 
 
 def is_initialized() -> bool:

@@ -25,6 +25,8 @@ from job.config import JobConfig, TrainConfig, to_yaml
 from job.errors import MlaunchError
 from job.files import publish_file
 from train import checkpoint as ckpt
+from train import heartbeat as hb
+from train.heartbeat import Heartbeat
 from train import distributed as D
 from train.distributed import DistEnv, StopFlag
 from train.build import build_model, describe_weights, fill_weights, model_dir_of, params_held_per_rank
@@ -37,8 +39,11 @@ from train.parallel.mesh import build_mesh
 
 
 
-def train(job: JobConfig, env: DistEnv, layout: Layout, device: torch.device, stop: StopFlag) -> int:
-    """Run one training job on this rank; returns the exit code. Collective on every rank."""
+def train(job: JobConfig, env: DistEnv, layout: Layout, device: torch.device, stop: StopFlag,
+          beat: Heartbeat | None = None) -> int:
+    """Run one training job on this rank; returns the exit code. Collective on every rank.
+    `beat` (train/heartbeat.py) is told each phase, for the launcher's hang detection."""
+    at = beat.at if beat is not None else (lambda phase, step=None: None)
     from train.data import make_batch_sampler, prepare_data  # heavy (datasets)
     from train.tokenizer import BaichuanTokenizer, ensure_tokenizer
 
@@ -122,6 +127,7 @@ def train(job: JobConfig, env: DistEnv, layout: Layout, device: torch.device, st
 
     def save_checkpoint(position: dict[str, int] | None = None) -> None:
         nonlocal saved_step
+        at(hb.CHECKPOINT)
         trainer_state = {"step": step, "scheduler": scheduler.state_dict(), "sampler": position or sampler.state_dict(),
                          "elapsed_s": time.perf_counter() - t_start}
         path = ckpt.save(ckpt_dir, step, par, optimizer, trainer_state, cfg.checkpoint.keep)
@@ -130,6 +136,7 @@ def train(job: JobConfig, env: DistEnv, layout: Layout, device: torch.device, st
 
     par.train()
     while step < total_steps:
+        at(hb.DATA, step)
         position = sampler.state_dict()  # before this step's batches are drawn: what a save at this boundary records
         chunk = list(itertools.islice(batches_iter, cfg.grad_accum))
         if not chunk:  # epoch done: the sampler has moved on to the next one
@@ -158,6 +165,7 @@ def train(job: JobConfig, env: DistEnv, layout: Layout, device: torch.device, st
         n_target, n_real, n_padded, n_seqs = (c // replication for c in (n_target, n_real, n_padded, n_seqs))
         loss_scale = par.dp_size / max(n_target, 1)
 
+        at(hb.STEP)
         loss_sum = torch.zeros((), device=device)
         for k, batch in enumerate(batches):
             micro_loss, _ = par.forward_backward(batch, loss_scale, sync=k == len(batches) - 1)
@@ -171,6 +179,7 @@ def train(job: JobConfig, env: DistEnv, layout: Layout, device: torch.device, st
                 "add warmup (train.schedule.warmup_steps) or set train.clip_grad_norm; "
                 f"resume continues from the last complete checkpoint in {ckpt_dir}")
         lr = optimizer.param_groups[0]["lr"]
+        at(hb.OPTIMIZER)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -199,6 +208,7 @@ def train(job: JobConfig, env: DistEnv, layout: Layout, device: torch.device, st
             log.log(record)
         t_aside = time.perf_counter()  # eval and checkpoint time is kept out of tokens/s
         if n_eval and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
+            at(hb.EVAL, step)
             log.log({"step": step, "eval_loss": evaluate(par, data.eval, cfg, replication, collate_kw)})
             par.train()
         if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or last:
@@ -210,6 +220,7 @@ def train(job: JobConfig, env: DistEnv, layout: Layout, device: torch.device, st
         log.close()
         return stop.exit_code
     if cfg.checkpoint.export:
+        at(hb.EXPORT, step)
         state = par.full_state_dict_for_export()
         if env.is_rank0:
             from train.models.baichuan.hub import save_state_dict

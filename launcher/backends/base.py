@@ -74,8 +74,10 @@ class Job(ABC):
         return 0, None
 
     @abstractmethod
-    def stop(self, grace_s: float) -> list[str]:
-        """Stop every node, and verify nothing is left; the problems found, as lines to say."""
+    def stop(self, grace_s: float, force: bool = False) -> list[str]:
+        """Stop every node, and verify nothing is left; the problems found, as lines to say.
+        `force`: the ranks are hung or their peers gone (blocked in a collective, deaf to SIGTERM
+        until it returns): SIGKILL them first, then stop torchrun as usual."""
 
     def waiting(self) -> bool:
         """Silence is expected now (a Slurm job pending in the queue says so itself)."""
@@ -88,6 +90,13 @@ class Job(ABC):
     def secondary(self, worker: Worker) -> bool:
         """The node failed because a peer did (its ranks lost a connection): not the one to name."""
         return False
+
+    def dump_stacks(self) -> None:
+        """Ask every rank that can answer to write its Python stacks (SIGUSR1: train/heartbeat.py)."""
+
+    def collect_stacks(self, dest: Path) -> int:
+        """Bring the ranks' stack files to `dest` (where not already there); how many have content."""
+        return count_stacks(dest)
 
     def failure_cause(self, worker: Worker) -> str | None:
         """The failed node's own one-line reason (a rank's user error), when the backend can read it."""
@@ -126,3 +135,8 @@ class Backend(ABC):
 
     def describe(self, plan: Plan) -> str:
         return f"{len(plan.nodes)} node(s), world size {plan.world_size}, strategy {plan.parallel.get('strategy')}"
+
+
+def count_stacks(folder: Path) -> int:
+    """Stack files with content (ranks that answered) in `folder` and its sub-folders."""
+    return sum(1 for p in folder.rglob("*.txt") if p.stat().st_size > 0) if folder.is_dir() else 0

@@ -70,9 +70,11 @@ class LocalJob(Job):
     def workers(self) -> list[Worker]:
         return [self.worker]
 
-    def stop(self, grace_s: float) -> list[str]:
+    def stop(self, grace_s: float, force: bool = False) -> list[str]:
         from launcher import procs
 
+        if force:
+            procs.signal_workers(self.plan.run_id, signal.SIGKILL)
         if self.proc.poll() is None:
             try:
                 self.proc.send_signal(signal.SIGTERM)
@@ -87,6 +89,11 @@ class LocalJob(Job):
 
     def failure_cause(self, worker: Worker) -> str | None:
         return user_error(self.error_file)
+
+    def dump_stacks(self) -> None:
+        from launcher import procs
+
+        procs.signal_workers(self.plan.run_id, signal.SIGUSR1)
 
     def record(self) -> dict[str, Any]:
         return {"nodes": {"local": {"host": "localhost", "pid": self.proc.pid, "sid": self.proc.pid}}}

@@ -25,7 +25,7 @@ from typing import Any
 from job.config import JobConfig, to_yaml
 from job.errors import MlaunchError
 from job.markers import EXIT, PEER_LOST, SIGNAL_DEATH
-from launcher.backends.base import Backend, Job, NodeOutcome, Provisioned, Worker
+from launcher.backends.base import Backend, Job, NodeOutcome, Provisioned, Worker, count_stacks
 from launcher.backends.local import user_error_in
 from launcher.backends.slurm_host import LocalHost, LoginHost, Ran, SlurmHost
 from launcher.console import say
@@ -329,7 +329,7 @@ class SlurmJob(Job):
         why = f"slurm job {self.job_id} ended {self.state}" + (f" ({reason})" if reason not in ("None", "") else "")
         return exit_code or 1, why + f", exit code {raw}; its batch log is {self.out}/slurm/slurm-{self.job_id}.out"
 
-    def stop(self, grace_s: float) -> list[str]:
+    def stop(self, grace_s: float, force: bool = False) -> list[str]:  # scancel: Slurm's KillWait does the rest
         if self.step is not None:
             return self._stop_step(grace_s)
         if self.state in FINAL_STATES or self.hopeless:
@@ -379,6 +379,28 @@ class SlurmJob(Job):
                 return state
             time.sleep(0.2)
         return state
+
+    def dump_stacks(self) -> None:
+        # Into the steps (not the batch shell): the ranks write their stacks on the shared
+        # filesystem; torchrun, which does not handle USR1, dies of it, and the job ends anyway.
+        if self.step is None:
+            slurm_cmd(self.host, "scancel", "--signal=USR1", self.job_id)
+        else:
+            from launcher import procs
+
+            procs.signal_workers(self.plan.run_id, signal.SIGUSR1)
+
+    def collect_stacks(self, dest: Path) -> int:
+        if isinstance(self.host, LoginHost):  # the cluster's filesystem: a copy here
+            folder = f"{self.out}/logs/stacks"
+            text = self.host.run(["sh", "-c", f'for f in {folder}/rank-*.txt; do [ -s "$f" ] && echo "==> $f <==" '
+                                  '&& cat "$f"; done; true'], timeout=30).stdout
+            if text.strip():
+                dest.mkdir(parents=True, exist_ok=True)
+                (dest / "cluster.txt").write_text(text)
+            return text.count("==> ")
+        assert isinstance(self.host, LocalHost)
+        return count_stacks(self.host.path(f"{self.out}/logs/stacks"))
 
     def _error_message(self, worker: Worker) -> str | None:
         return self.host.error_message(f"{self.out}/logs/torchrun-error-{worker.name}.json")

@@ -18,12 +18,13 @@ from typing import Any
 
 from job.config import JobConfig, to_yaml
 from job.errors import MlaunchError
-from launcher.backends.base import Backend, Job, NodeOutcome, Provisioned, Worker
+from launcher.backends.base import Backend, Job, NodeOutcome, Provisioned, Worker, count_stacks
 from launcher.console import say
 from launcher.fanout import fan_out
+from launcher.procs import scoped
 from launcher.plan import NodePlan, Plan
 from launcher.planning import write_resolved_config
-from launcher.shell import python_command
+from launcher.shell import python_command, quote_path
 
 
 def targets_for(cfg: JobConfig) -> dict[str, Any]:
@@ -190,7 +191,11 @@ class SSHBackend(Backend):
                 w.pid = w.proc.wait_pid(timeout=30)
             except MlaunchError:
                 w.pid = None
-        return SSHJob(plan, workers)
+        s = self.cfg.cluster.ssh  # type: ignore[union-attr]
+        if s.keepalive_s:
+            for w in workers:
+                w.conn.watch_liveness(s.keepalive_s)
+        return SSHJob(plan, workers, lost_after_s=s.keepalive_s * s.keepalive_count if s.keepalive_s else None)
 
     def teardown(self) -> None:
         from launcher import ssh
@@ -229,31 +234,70 @@ class SSHWorker(Worker):
 
 
 class SSHJob(Job):
-    def __init__(self, plan: Plan, workers: list[SSHWorker]) -> None:
-        self.plan, self._workers = plan, workers
+    def __init__(self, plan: Plan, workers: list[SSHWorker], lost_after_s: float | None = None) -> None:
+        self.plan, self._workers, self.lost_after_s = plan, workers, lost_after_s
+        self.unanswering: set[str] = set()  # nodes declared lost for not answering: not reachable to stop
 
     def workers(self) -> list[Worker]:
         return list(self._workers)
 
     def poll(self) -> dict[str, NodeOutcome]:
-        return {w.name: NodeOutcome(lost="lost its SSH connection") for w in self._workers if not w.conn.is_active}
+        lost = {}
+        for w in self._workers:
+            if not w.conn.is_active:
+                lost[w.name] = NodeOutcome(lost="lost its SSH connection")
+            elif self.lost_after_s is not None and (silent := w.conn.silent_for()) >= self.lost_after_s:
+                self.unanswering.add(w.name)
+                lost[w.name] = NodeOutcome(lost=f"stopped answering SSH for {silent:.0f} s (frozen, or cut off from here)")
+        return lost
 
-    def stop(self, grace_s: float) -> list[str]:
+    def stop(self, grace_s: float, force: bool = False) -> list[str]:
         """SIGTERM each node's torchrun, then everything carrying the run id, in parallel on all nodes."""
-        results = fan_out(lambda _n, w: _stop_node(self.plan.run_id, w, grace_s), {w.name: w for w in self._workers})
+        reachable = {w.name: w for w in self._workers if w.name not in self.unanswering}
+        results = fan_out(lambda _n, w: _stop_node(self.plan.run_id, w, grace_s, force), reachable)
         for w in self._workers:
             try:
                 w.proc.close()  # hangs up the pty as well: a second path to the same end
             except Exception:
                 pass
-        return [m for m in results.ok.values() if m] + [f"{n}: {e}" for n, e in results.failed.items()]
+        gone = [f"{n}: not answering, so not stopped from here; its connection is closed, so its job ends with the "
+                f"SSH hangup once the node answers again (check with `ps -eo pid,cmd e | grep {self.plan.run_id}`)"
+                for n in sorted(self.unanswering)]
+        return [m for m in results.ok.values() if m] + [f"{n}: {e}" for n, e in results.failed.items()] + gone
+
+    def dump_stacks(self) -> None:
+        import signal
+
+        from launcher import ssh
+
+        reachable = {w.name: w for w in self._workers if w.name not in self.unanswering and w.conn.is_active}
+        fan_out(lambda _n, w: ssh.signal_workers(w.conn, scoped(self.plan.run_id, w.name), signal.SIGUSR1,
+                                                 python=w.node.python), reachable)
+
+    def collect_stacks(self, dest: Path) -> int:
+        """Each reachable node's stack files (under its workdir) into `dest/<node>.txt`."""
+        out = self.plan.output_dir.rstrip("/")
+        reachable = {w.name: w for w in self._workers if w.name not in self.unanswering and w.conn.is_active}
+
+        def fetch(name: str, w: SSHWorker) -> int:
+            folder = f"{out}/logs/stacks"
+            res = w.conn.run(f"cd {quote_path(w.node.workdir)} && for f in {quote_path(folder)}/rank-*.txt; do "
+                             f"[ -s \"$f\" ] && echo \"==> $f <==\" && cat \"$f\"; done; true", timeout=30)
+            text = res.stdout
+            if text.strip():
+                dest.mkdir(parents=True, exist_ok=True)
+                (dest / f"{_safe(name)}.txt").write_text(text)
+            return text.count("==> ")
+
+        got = fan_out(fetch, reachable).ok
+        return max(sum(got.values()), count_stacks(dest))
 
     def record(self) -> dict[str, Any]:
         """Per node: the recorded torchrun pid (= its process group and session id) for this run."""
         return {"nodes": {w.name: {"host": w.node.host, "port": w.node.port, "pid": w.pid, "sid": w.pid} for w in self._workers}}
 
 
-def _stop_node(run_id: str, w: SSHWorker, grace: float) -> str | None:
+def _stop_node(run_id: str, w: SSHWorker, grace: float, force: bool = False) -> str | None:
     from launcher import ssh
 
     conn = w.conn
@@ -263,7 +307,11 @@ def _stop_node(run_id: str, w: SSHWorker, grace: float) -> str | None:
             # The job's connection dropped: the pty hangup should have ended it; verify over a new one.
             fresh = conn = ssh.connect(w.target)
         pids = [w.proc.pid] if w.proc and w.proc.pid else []
-        report = ssh.kill_run(conn, run_id, pids=pids, grace_s=grace, python=w.node.python)
+        if force:
+            import signal
+
+            ssh.signal_workers(conn, scoped(run_id, w.name), signal.SIGKILL, python=w.node.python)
+        report = ssh.kill_run(conn, scoped(run_id, w.name), pids=pids, grace_s=grace, python=w.node.python)
         if report.remaining:
             return f"{w.name}: processes {report.remaining} of run {run_id} survived SIGKILL"
         return None

@@ -32,7 +32,7 @@ import logging
 # stderr as well. Records still propagate to the root logger if the application configures one.
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
-from launcher.ssh.cleanup import KillReport, kill_run, list_run_processes  # noqa: E402
+from launcher.ssh.cleanup import KillReport, kill_run, list_run_processes, signal_workers  # noqa: E402
 from launcher.ssh.connecting import check_connected, close_all, connect, connect_all  # noqa: E402
 from launcher.ssh.connection import Connection, Result  # noqa: E402
 from launcher.ssh.errors import RemoteTimeout  # noqa: E402
@@ -57,4 +57,5 @@ __all__ = [
     "kill_run",
     "list_run_processes",
     "resolve",
+    "signal_workers",
 ]

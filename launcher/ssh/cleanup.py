@@ -19,7 +19,7 @@ from launcher.shell import python_command
 from launcher.ssh.connection import Connection
 from launcher.ssh.errors import one_line
 
-_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*\Z")
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*(@[A-Za-z0-9_.:-]+)?\Z")  # RUN_ID[@NODE] (procs.scoped)
 
 
 def _check_run_id(run_id: str) -> None:
@@ -63,6 +63,12 @@ def list_run_processes(conn: Connection, run_id: str, python: str = "python3") -
     """Pids of the processes on this node whose environment has MLAUNCH_RUN_ID=<run_id>."""
     _check_run_id(run_id)
     return _run_snippet(conn, [run_id, "list", "0"], timeout=30.0, python=python)["pids"]
+
+
+def signal_workers(conn: Connection, run_id: str, signum: int, python: str = "python3") -> list[int]:
+    """Send `signum` to the run's rank processes on this node (see procs.run_workers); their pids."""
+    _check_run_id(run_id)
+    return _run_snippet(conn, [run_id, "signal-workers", str(int(signum))], timeout=30.0, python=python)["pids"]
 
 
 def kill_run(

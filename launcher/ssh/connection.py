@@ -14,6 +14,7 @@ import os
 import posixpath
 import select
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -53,6 +54,7 @@ class Connection:
         self.label = target.label
         self._jump = jump
         self._sftp: paramiko.SFTPClient | None = None
+        self._last_reply: float | None = None  # set once `watch_liveness` runs
 
     def __repr__(self) -> str:
         return f"<Connection {self.label} {self.target.user}@{self.target.host}:{self.target.port}>"
@@ -75,6 +77,38 @@ class Connection:
         """False once the connection is closed or the transport has died."""
         t = self.client.get_transport()
         return t is not None and t.is_active()
+
+    def watch_liveness(self, interval_s: float) -> None:
+        """Ask the node's sshd for a reply every `interval_s` (OpenSSH's ServerAliveInterval): a
+        `keepalive@openssh.com` global request with want-reply, which any sshd answers (with a
+        failure message, which is an answer). paramiko's own keepalive wants no reply, so a peer
+        whose sshd is frozen — its kernel still ACKs TCP — would never be noticed.
+        `silent_for()` then says how long the node has not answered."""
+        if self._last_reply is not None:
+            return
+        self._last_reply = time.monotonic()
+        threading.Thread(target=self._liveness, args=(interval_s,), daemon=True, name=f"mlaunch-alive-{self.label}").start()
+
+    def _liveness(self, interval_s: float) -> None:
+        while True:
+            t = self.client.get_transport()
+            if t is None or not t.is_active():
+                return
+            sent = time.monotonic()
+            try:
+                # The one caller of global_request on this transport (paramiko keeps one pending
+                # request per transport); blocks until the reply, or the transport dies.
+                t.global_request("keepalive@openssh.com", wait=True)
+            except Exception:
+                return
+            if not t.is_active():
+                return
+            self._last_reply = time.monotonic()
+            time.sleep(max(0.0, interval_s - (self._last_reply - sent)))
+
+    def silent_for(self) -> float:
+        """Seconds since the node last answered a liveness request (0 when not watched)."""
+        return 0.0 if self._last_reply is None else time.monotonic() - self._last_reply
 
     def _open_session(self, timeout: float | None = None) -> paramiko.Channel:
         """A new session channel, opened within `timeout` (default: target.connect_timeout)."""

@@ -244,3 +244,61 @@ def test_through_a_login_node_over_ssh(tmp_path: Path, slurm: Any, ssh_cluster: 
     for node in slurm.nodes:  # and the laptop keeps a copy of every node's log
         assert "MLAUNCH_EXIT=0 " in node_log(remote / "run", node) and "MLAUNCH_EXIT=0 " in node_log(laptop / "run", node)
     assert json.loads((laptop / "run" / "logs" / "run.json").read_text())["slurm"]["host"].startswith("login node")
+
+
+def _ranks_on(run_id: str, node: str) -> list:
+    import psutil
+
+    procs = [psutil.Process(p) for p in run_processes(run_id)]
+    return [p for p in procs if p.environ().get("SLURMD_NODENAME") == node and "LOCAL_RANK" in p.environ()]
+
+
+def _current_run(out: Path) -> str | None:
+    try:
+        return run_id_of(out)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _with_launch(config: Path, **keys: Any) -> Path:
+    data = yaml.safe_load(config.read_text())
+    data["launch"].update(keys)
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    return config
+
+
+def test_a_hung_rank_on_slurm_is_found_named_and_recovered(tmp_path: Path, slurm: Any) -> None:
+    """SIGSTOP of one node's ranks: the hang is found in launch.hang_timeout_s, the node named,
+    the other ranks' stacks kept; with job_restarts: 1 the job is submitted again and completes."""
+    config = _with_launch(slurm_job(tmp_path, slurm, max_steps=40, checkpoint={"every_steps": 5}),
+                          hang_timeout_s=20, job_restarts=1)
+    out = tmp_path / "run"
+    proc = start(config, slurm)
+    wait_for(lambda: steps_done(out) >= 6 or proc.poll() is not None, 120, "training steps")
+    run_id = run_id_of(out)
+    node = slurm.nodes[1]
+    ranks = _ranks_on(run_id, node)
+    assert len(ranks) == 2, ranks
+    for p in ranks:
+        p.suspend()
+    t0 = time.monotonic()
+    try:
+        wait_for(lambda: proc.poll() is not None or _current_run(out) not in (run_id, None), 60,
+                 "the hang to be found and the job submitted again")
+        found = time.monotonic() - t0
+    finally:
+        for p in ranks:
+            try:
+                p.resume()
+            except Exception:
+                pass
+    code, _, stderr = finish(proc, timeout=240)
+    assert code == 0, stderr
+    assert found <= 20 + 15, f"{found:.1f}s"
+    hung = [line for line in stderr.splitlines() if "is hung" in line]
+    assert hung and f"on node {node}" in hung[0] and "stopped reporting" in hung[0], stderr
+    assert "restart 1 of 1 (launch.job_restarts) after: hung" in stderr
+    assert [r["step"] for r in read_metrics(out)][-1] == 40
+    assert any(p.stat().st_size for p in (out / "logs" / "stacks").glob("*.txt")), "no stack kept"
+    wait_gone(run_id, timeout=15)
+    assert not slurm.squeue_ids()

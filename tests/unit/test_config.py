@@ -14,6 +14,9 @@ from job.config import TUTORIAL_TEMPLATE, load_config, parse_override
 from job.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
+#: Seven levels of nine aliases ("billion laughs"): 9**7 = 4.8 million strings from 7 lines.
+BOMB = 'l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n' + "".join(
+    f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 7))
 GOOD_TRAIN = "train:\n  model:\n    init: {hidden_size: 32}\n"
 
 # (name, yaml text, extra CLI args, a fragment the one-line error must contain)
@@ -48,6 +51,11 @@ BAD = [
     ("set-unknown-key", GOOD_TRAIN, ["--set", "train.optim.lrr=1"], "did you mean `lr`"),
     ("set-unknown-section", GOOD_TRAIN, ["--set", "train.optm.lr=1"], "did you mean `optim`"),
     ("set-wrong-type", GOOD_TRAIN, ["--set", "train.max_steps=soon"], "train.max_steps"),
+    ("empty-file", "", [], "the file is empty"),
+    ("only-comments", "# nothing here\n", [], "the file is empty"),
+    ("alias-bomb", BOMB + GOOD_TRAIN, [], "aliases expand to more than 100,000 values"),
+    ("env-list", GOOD_TRAIN + "cluster:\n  nodes: [{host: a}]\n  env: {NCCL_X: [1, 2]}\n", [], "NCCL_X: a list is not a value"),
+    ("env-null", GOOD_TRAIN + "cluster:\n  nodes: [{host: a}]\n  env: {NCCL_X: }\n", [], "NCCL_X has no value"),
 ]
 
 
@@ -177,3 +185,22 @@ def test_usage_errors_are_one_line_exit_2(args: list[str], fragment: str) -> Non
                           cwd=ROOT, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and fragment in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_env_numbers_and_booleans_pass_as_a_shell_sees_them(tmp_path: Path) -> None:
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(GOOD_TRAIN + "cluster:\n  nodes: [{host: a}]\n"
+                   "  env: {OMP_NUM_THREADS: 4, NCCL_IB_DISABLE: 0, TOKENIZERS_PARALLELISM: false, LR: 0.5, S: x}\n")
+    env = load_config(cfg).cluster.env
+    assert env == {"OMP_NUM_THREADS": "4", "NCCL_IB_DISABLE": "0", "TOKENIZERS_PARALLELISM": "false", "LR": "0.5", "S": "x"}
+
+
+def test_an_alias_bomb_is_refused_at_once(tmp_path: Path) -> None:
+    import time
+
+    cfg = tmp_path / "bomb.yaml"
+    cfg.write_text(BOMB + GOOD_TRAIN)
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match="aliases expand"):
+        load_config(cfg)
+    assert time.monotonic() - t0 < 1.0  # a guard, not a benchmark: the expansion is never done

@@ -52,7 +52,7 @@ class ListJob(Job):
     def workers(self) -> list[Worker]:
         return list(self._workers)
 
-    def stop(self, grace_s: float) -> list[str]:
+    def stop(self, grace_s: float, force: bool = False) -> list[str]:
         self.stop_calls.append(grace_s)
         self.stopped.set()
         return []
@@ -115,3 +115,40 @@ def test_fan_out_returns_every_nodes_outcome_and_names_every_failure() -> None:
     with pytest.raises(MlaunchError, match=r"probing failed on 2 of 4 node\(s\), nothing started: node n1: unreachable; node n3: unreachable"):
         res.values("probing")
     assert fan_out(probe, {"n0": 0}).values("probing") == {"n0": 0}
+
+
+def _beat(beats, node: str, rank: int, step: int, phase: str = "forward_backward") -> None:
+    beats.heard(node, f"MLAUNCH_BEAT={rank} {step} {phase} 0")
+
+
+def test_hang_detection_names_the_ranks_that_stopped_reporting() -> None:
+    from launcher.supervisor import _Beats
+
+    beats = _Beats(timeout_s=0.6)
+    for step in (1, 2):
+        for rank, node in enumerate(["n1", "n1", "n2", "n2"]):
+            _beat(beats, node, rank, step)
+    assert beats.check() is None
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline and beats.check() is None:  # n2 went quiet; n1 waits in the collective
+        _beat(beats, "n1", 0, 2)
+        _beat(beats, "n1", 1, 2)
+        time.sleep(0.05)
+    why = beats.check()
+    assert why is not None and "ranks 2, 3 on node n2" in why and "stopped reporting" in why and "n1" not in why, why
+
+
+def test_hang_clock_pauses_in_checkpoints_and_adapts_to_the_step_time() -> None:
+    from launcher.supervisor import HANG_FLOOR_S, _Beats
+
+    beats = _Beats(timeout_s=0.3)
+    _beat(beats, "n1", 0, 1)
+    for _ in range(8):  # 0.8 s in a checkpoint, beating: not a hang
+        time.sleep(0.1)
+        _beat(beats, "n1", 0, 1, "checkpoint")
+        assert beats.check() is None
+    adaptive = _Beats(timeout_s=None)
+    assert adaptive.timeout == HANG_FLOOR_S
+    _beat(adaptive, "n", 0, 1)
+    adaptive.slowest = 40.0  # as if a step had taken 40 s
+    assert adaptive.timeout == 20 * 40.0
