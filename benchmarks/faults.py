@@ -72,7 +72,7 @@ def one(kind: str, work: Path, cluster: sshd_nodes.SSHCluster, nodes: list, toke
     stopped: list[psutil.Process] = []
     t0 = time.monotonic()
     if kind == "ctrl-c":
-        proc.sendsend_all(signal.SIGINT)
+        proc.send_signal(signal.SIGINT)
     elif kind == "kill":
         os.killpg(torchrun, signal.SIGKILL)
     elif kind == "drop":
@@ -110,6 +110,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="mlaunch-faults-"))
+    (root / "sshd").mkdir()
     cluster = sshd_nodes.SSHCluster(root / "sshd")
     try:
         nodes = [cluster.nodes(1)[0], cluster.spawn()]  # node 2 is frozen and thawed: keep it private
