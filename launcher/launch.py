@@ -82,7 +82,24 @@ def nodes_for_restart(cfg: JobConfig) -> JobConfig:
         raise MlaunchError(f"cannot restart: {len(down)} of {len(names)} node(s) do not answer ({why}); "
                            + (f"fewer than launch.nnodes minimum {lo} remain" if lo != hi else
                               "launch.nnodes: MIN:MAX lets a restart go on without them"))
-    say(f"restarting without {', '.join(down)} (not answering): {healthy} node(s), launch.nnodes={lo}:{hi}")
+    # The resume keeps the data order only with the same global batch per micro-step (micro-batch
+    # × data-parallel size; train/data/sampler.py): fewer nodes, proportionally larger micro-batches.
+    total, micro = len(names), cfg.train.data.micro_batch_size
+    if (micro * total) % healthy:
+        raise MlaunchError(f"cannot restart on {healthy} of {total} node(s) ({', '.join(down)} do not answer): keeping the "
+                           f"global batch needs train.data.micro_batch_size × {total} / {healthy} to be whole (it is "
+                           f"{micro}); a micro_batch_size that is a multiple of {healthy // _gcd(total, healthy)} allows it")
+    new_micro = micro * total // healthy
+    say(f"restarting without {', '.join(down)} (not answering): {healthy} node(s), launch.nnodes={lo}:{hi}, "
+        f"train.data.micro_batch_size {micro} → {new_micro} (the same global batch, the same data order)")
     kept = [node for i, node in enumerate(cluster.nodes) if cluster.node_name(i) not in down]
+    train = cfg.train.model_copy(update={"data": cfg.train.data.model_copy(update={"micro_batch_size": new_micro})})
     return cfg.model_copy(update={"cluster": cluster.model_copy(update={"nodes": kept}),
-                                  "launch": cfg.launch.model_copy(update={"nnodes": f"{lo}:{min(hi, healthy)}"})})
+                                  "launch": cfg.launch.model_copy(update={"nnodes": f"{lo}:{min(hi, healthy)}"}),
+                                  "train": train})
+
+
+def _gcd(a: int, b: int) -> int:
+    import math
+
+    return math.gcd(a, b)

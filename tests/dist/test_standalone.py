@@ -67,3 +67,31 @@ def test_errors_print_even_from_filtered_ranks(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "/nonexistent/tokenizer.model does not exist" in stdout  # torchrun's root-cause summary
     assert "run failed" in stderr and "/nonexistent/tokenizer.model does not exist" in stderr.splitlines()[-1]
+
+
+def test_a_hung_rank_is_found_its_peers_stacks_kept_and_nothing_left(tmp_path: Path) -> None:
+    """Standalone too: rank 1 SIGSTOPped mid-run, launch.hang_timeout_s 10 → exit 124 well within
+    timeout + 15 s, rank 1 named, rank 0's stack (blocked in the step) saved, no process left."""
+    from launcher.procs import run_workers
+
+    out = tmp_path / "run"
+    proc = mlaunch("run", "configs/tiny.yaml", "--standalone", "--set", f"train.output_dir={out}",
+                   "--set", "train.max_steps=100000", "--set", "launch.hang_timeout_s=10")
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "training never logged a step"
+        time.sleep(0.3)
+    run_id = json.loads((out / "logs" / "run.json").read_text())["run_id"]
+    rank1 = [p for p in run_workers(run_id) if b"RANK=1\0" in Path(f"/proc/{p}/environ").read_bytes()]
+    assert rank1, "rank 1 not found"
+    os.kill(rank1[0], signal.SIGSTOP)
+    t0 = time.monotonic()
+    _, stderr = proc.communicate(timeout=90)
+    assert proc.returncode == 124 and time.monotonic() - t0 < 25, stderr[-3000:]
+    hung = [line for line in stderr.splitlines() if "is hung" in line]
+    assert hung and "rank 1 on node local" in hung[0] and "stopped reporting" in hung[0], stderr[-3000:]
+    stack = (out / "logs" / "stacks" / "rank-00000.txt").read_text()
+    assert "train/loop.py" in stack, stack[:2000]
+    assert run_processes(run_id) == [], "no process of the run is left"

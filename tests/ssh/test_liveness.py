@@ -130,3 +130,26 @@ def test_with_job_restarts_a_hung_rank_is_recovered(tmp_path, ssh_cluster, token
         send_all(ranks, signal.SIGCONT)
     assert_clean_exit_message(run, "is hung", "restart 1 of 1 (launch.job_restarts) after: hung")
     assert max(r["step"] for r in read_metrics(job.out)) == RECOVERY["max_steps"]
+
+
+def test_an_elastic_restart_goes_on_without_the_node_that_stopped_answering(tmp_path, ssh_cluster, tokenizer, launch):
+    """nnodes 2:3, job_restarts 1: node 3 freezes; the restart leaves it out and finishes on 2
+    nodes, with micro-batches 3/2 the size so that the global batch and the data order stay."""
+    nodes = [*ssh_cluster(2), ssh_cluster.spawn()]
+    job = write_job(tmp_path, ssh_cluster, nodes, tokenizer, tag="elastic", train=dict(RECOVERY))
+    data = yaml.safe_load(job.path.read_text())
+    data["train"]["data"]["micro_batch_size"] = 2
+    data["launch"].update(job_restarts=1, nnodes="2:3")
+    job.path.write_text(yaml.safe_dump(data, sort_keys=False))
+    run = launch(job)
+    run.run_info()
+    run.wait_step(6)
+    frozen = process_tree(nodes[2].pid)
+    send_all(frozen, signal.SIGSTOP)
+    try:
+        assert run.wait(timeout=240) == 0, run.output()
+    finally:
+        send_all(frozen, signal.SIGCONT)
+    assert_clean_exit_message(run, f"node {nodes[2].host} stopped answering SSH",
+                              f"restarting without {nodes[2].host}", "micro_batch_size 2 → 3")
+    assert max(r["step"] for r in read_metrics(job.out)) == RECOVERY["max_steps"]
