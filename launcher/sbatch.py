@@ -122,8 +122,13 @@ def script(
         "  local addrs=($MLAUNCH_NODE_ADDRS)",
         "  export MLAUNCH_NODE_ADDR=${addrs[$SLURM_NODEID]}",
         '  export MLAUNCH_IS_HOST=$(( SLURM_NODEID == 0 ))  # c10d orders nodes its own way: say who hosts',
-        setup_line + f"  {task_command(argv, env)}",
-        "  local code=$?",
+        # The launcher's request for the ranks' stacks (scancel --signal=USR1) reaches this task; it
+        # passes it on to torchrun's children, the ranks (faulthandler answers). torchrun itself,
+        # which has no USR1 handler and would die of it, ignores it (inherited through exec).
+        setup_line + f"  ( trap '' USR1; exec {task_command(argv, env)} ) &",
+        "  local pid=$! code",
+        '  trap \'for c in $(pgrep -P "$pid"); do kill -USR1 "$c"; done\' USR1',
+        '  while :; do wait "$pid"; code=$?; kill -0 "$pid" 2>/dev/null || break; done',
         "  # Ranks that lost a peer fail too: wait, so that the node where it began ends the step first.",
         f'  if [ $code != 0 ] && grep -qs {" ".join("-e " + shlex.quote(p) for p in PEER_LOST)} "$TORCHELASTIC_ERROR_FILE" \\',
         f"     && ! tail -c +$((start + 1)) \"$log\" | grep -q -e {shlex.quote(SIGNAL_DEATH)}; then sleep 3; fi",

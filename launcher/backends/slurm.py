@@ -381,8 +381,8 @@ class SlurmJob(Job):
         return state
 
     def dump_stacks(self) -> None:
-        # Into the steps (not the batch shell): the ranks write their stacks on the shared
-        # filesystem; torchrun, which does not handle USR1, dies of it, and the job ends anyway.
+        # Into the steps (not the batch shell): each task passes it on to its ranks (sbatch.py),
+        # which write their stacks on the shared filesystem.
         if self.step is None:
             slurm_cmd(self.host, "scancel", "--signal=USR1", self.job_id)
         else:

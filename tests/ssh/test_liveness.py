@@ -96,6 +96,8 @@ RECOVERY = {"max_steps": 24, "checkpoint": {"every_steps": 4, "export": True, "e
 
 def test_with_job_restarts_a_killed_torchrun_is_recovered_bit_identically(tmp_path, ssh_cluster, tokenizer, launch):
     nodes = ssh_cluster(2)
+    for sub in ("ref", "rec"):
+        (tmp_path / sub).mkdir()
     ref = write_job(tmp_path / "ref", ssh_cluster, nodes, tokenizer, tag="ref", train=dict(RECOVERY))
     assert launch(ref).wait(timeout=240) == 0
 
