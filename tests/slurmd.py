@@ -66,6 +66,8 @@ import psutil
 import pytest
 
 _SBIN = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
+#: See SlurmCluster.release.
+RELEASE_AFTER_S = 1.5
 
 
 def _which(name: str) -> str | None:
@@ -373,7 +375,12 @@ class SlurmCluster:
             time.sleep(poll)
 
     def release(self, job_id: str) -> None:
-        """Let a requeued job start now: it otherwise waits ~120 s for its BeginTime."""
+        """Let a requeued job start now: it otherwise waits ~120 s for its BeginTime.
+
+        Not in the second of its requeue: slurmd has revoked the job's credential at a time with
+        one-second resolution, and a job started again within that second is refused ("Job
+        credential revoked", the job FAILED) — which Slurm's own BeginTime delay exists to avoid."""
+        time.sleep(RELEASE_AFTER_S)
         self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
 
     def cancel_all(self, timeout: float = 30.0) -> None:
