@@ -12,6 +12,7 @@ directory, so the trainer resumes from its newest complete checkpoint (`resume: 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from job.config import JobConfig
@@ -88,7 +89,7 @@ def nodes_for_restart(cfg: JobConfig) -> JobConfig:
     if (micro * total) % healthy:
         raise MlaunchError(f"cannot restart on {healthy} of {total} node(s) ({', '.join(down)} do not answer): keeping the "
                            f"global batch needs train.data.micro_batch_size × {total} / {healthy} to be whole (it is "
-                           f"{micro}); a micro_batch_size that is a multiple of {healthy // _gcd(total, healthy)} allows it")
+                           f"{micro}); a micro_batch_size that is a multiple of {healthy // math.gcd(total, healthy)} allows it")
     new_micro = micro * total // healthy
     say(f"restarting without {', '.join(down)} (not answering): {healthy} node(s), launch.nnodes={lo}:{hi}, "
         f"train.data.micro_batch_size {micro} → {new_micro} (the same global batch, the same data order)")
@@ -98,8 +99,3 @@ def nodes_for_restart(cfg: JobConfig) -> JobConfig:
                                   "launch": cfg.launch.model_copy(update={"nnodes": f"{lo}:{min(hi, healthy)}"}),
                                   "train": train})
 
-
-def _gcd(a: int, b: int) -> int:
-    import math
-
-    return math.gcd(a, b)

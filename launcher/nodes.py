@@ -7,6 +7,7 @@ others. Each failed check carries the fix it suggests. Exit 0 when all pass, 1 w
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import sys
 import time
@@ -293,6 +294,19 @@ os._exit(0)
 """
 
 
+#: The all-reduce probe does not wait 10 minutes for a node that does not come.
+PROBE_JOIN_TIMEOUT_S = 60
+
+
+def probe_argv(argv: list[str], script: str) -> list[str]:
+    """A node's torchrun argv with `script` in place of `-m train CONFIG`, and a short join timeout."""
+    out = argv[: argv.index("-m", 3)] + [script]
+    if "--rdzv-conf" in out:  # c10d (static rendezvous has no join timeout)
+        i = out.index("--rdzv-conf") + 1
+        out[i] = re.sub(r"join_timeout=\d+", f"join_timeout={PROBE_JOIN_TIMEOUT_S}", out[i])
+    return out
+
+
 def _collective(job: Any, targets: dict[str, Any], conns: dict, reports: dict[str, NodeReport]) -> None:
     """A tiny all-reduce through torchrun on every node, 1 process each, under a deadline."""
     from launcher.backends import ssh as ssh_backend
@@ -311,8 +325,7 @@ def _collective(job: Any, targets: dict[str, Any], conns: dict, reports: dict[st
     for node in the_plan.nodes:
         conn = conns[node.name]
         conn.put_text(script, _ALLREDUCE, timeout=60)
-        argv = node.argv[: node.argv.index("-m", 3)] + [script]
-        argv[argv.index("--rdzv-conf") + 1] = argv[argv.index("--rdzv-conf") + 1].replace("join_timeout=600", "join_timeout=60")
+        argv = probe_argv(node.argv, script)
         procs[node.name] = conn.start(job_command(argv, node.env, the_plan.run_id, cwd="/tmp"), pty=True)
     for name, proc in procs.items():
         try:

@@ -12,9 +12,9 @@ import time
 from job.config import JobConfig
 from job.errors import MlaunchError
 from job.markers import EXIT
-from launcher.backends.slurm import first_line, job_info, open_host, parse_fields, require_tools, slurm_cmd
+from launcher.backends.slurm import FINAL_STATES, first_line, job_info, open_host, parse_fields, require_tools, slurm_cmd
 from launcher.backends.slurm_host import SlurmHost
-from launcher.nodes import _ALLREDUCE, NodeReport
+from launcher.nodes import _ALLREDUCE, NodeReport, probe_argv
 
 #: Node states (sinfo %t, without its suffix flags) in which a node can take a job.
 USABLE = {"idle", "mix", "alloc", "comp", "resv", "plnd"}
@@ -100,8 +100,7 @@ def _collective(host: SlurmHost, job: JobConfig, summary: NodeReport, reports: d
     probe = f"{work}/allreduce.py"
     host.write(probe, _ALLREDUCE)
     node = the_plan.nodes[0]
-    argv = node.argv[: node.argv.index("-m", 3)] + [probe]
-    argv[argv.index("--rdzv-conf") + 1] = f"join_timeout=60,is_host={sbatch.IS_HOST}"
+    argv = probe_argv(node.argv, probe)
     assert cfg.cluster is not None and cfg.cluster.slurm is not None
     script = f"{work}/slurm/allreduce.sbatch"
     host.write(script, sbatch.script(cfg.cluster.slurm.model_copy(update={"signal_s": 0}), job_name="mlaunch-allreduce",
@@ -130,7 +129,8 @@ def _collective(host: SlurmHost, job: JobConfig, summary: NodeReport, reports: d
                     ok_line.strip() or f"job {job_id} {state.lower()} ({info.get('ExitCode', '?')})",
                     f"the all-reduce job {job_id} failed: its logs are in {work}/")
     finally:
-        if job_id and (job_info(host, job_id) or {}).get("JobState") not in (None, "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+        state = (job_info(host, job_id) or {}).get("JobState") if job_id else None
+        if state is not None and state not in FINAL_STATES:
             slurm_cmd(host, "scancel", job_id)
         if summary.ok:  # a failed check keeps its logs to read
             host.run(["sh", "-c", f"rm -rf {work} && rmdir .mlaunch 2>/dev/null; true"], timeout=30)

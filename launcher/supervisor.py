@@ -126,7 +126,7 @@ class Supervisor:
         self.quiet.set()
         for problem in self.job.stop(self.cfg.launch.grace_period_s):
             say(problem)
-        self._drain()
+        self._close_logs()
         say(f"stopped run {self.plan.run_id}: {self.job.stopped_note()}; shutdown output is in {self.logs}/")
         self.verdict = Verdict(stop.exit_code)
         return stop.exit_code
@@ -145,7 +145,7 @@ class Supervisor:
             say(problem)
         if others:
             say(f"all nodes stopped in {time.monotonic() - t0:.1f}s")
-        self._drain()
+        self._close_logs()
         cause = self.job.failure_cause(node.worker)
         if node.tail and not cause and self.plan.backend != "local":  # local output was all shown
             tail = "\n".join(f"    {line}" for line in node.tail)
@@ -174,7 +174,7 @@ class Supervisor:
             say(f"could not collect the ranks' stacks: {e}")
         for problem in self.job.stop(min(self.cfg.launch.grace_period_s, STOP_DEADLINE_S - 3), force=True):
             say(problem)
-        self._drain()
+        self._close_logs()
         say(f"run failed: hung ({why.split(' (')[0]}); logs: {self.logs}/")
         # On Slurm too: the job was cancelled, a restart submits it again.
         self.verdict = Verdict(EXIT_HUNG, retry=True, cause=f"hung: {why.split(' (')[0]}")
@@ -239,13 +239,8 @@ class Supervisor:
     def _readers_done(self) -> bool:
         return all(n.reader is not None and not n.reader.is_alive() for n in self.nodes.values())
 
-    def _drain(self) -> None:
-        for node in self.nodes.values():
-            if node.reader is not None:
-                node.reader.join(timeout=5)
-        self._close_logs()
-
     def _close_logs(self) -> None:
+        """Let every reader drain (bounded), then close the logs it wrote."""
         for node in self.nodes.values():
             if node.reader is not None:
                 node.reader.join(timeout=5)

@@ -137,6 +137,19 @@ class Backend(ABC):
         return f"{len(plan.nodes)} node(s), world size {plan.world_size}, strategy {plan.parallel.get('strategy')}"
 
 
+def stacks_script(folder: str) -> str:
+    """Shell that prints every non-empty rank stack file under `folder`, each after `==> path <==`."""
+    return f'for f in {folder}/rank-*.txt; do [ -s "$f" ] && echo "==> $f <==" && cat "$f"; done; true'
+
+
+def save_stacks(text: str, path: Path) -> int:
+    """What `stacks_script` printed, kept at `path` (when there is any); how many ranks answered."""
+    if text.strip():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return text.count("==> ")
+
+
 def count_stacks(folder: Path) -> int:
     """Stack files with content (ranks that answered) in `folder` and its sub-folders."""
     return sum(1 for p in folder.rglob("*.txt") if p.stat().st_size > 0) if folder.is_dir() else 0

@@ -100,10 +100,18 @@ class LocalJob(Job):
 
 
 def error_message(error_file: Path) -> str | None:
-    """The message of torchrun's root-cause error file, `{"message": {"message": ...}}`."""
+    """The message of torchrun's root-cause error file (see `message_of`)."""
     try:
-        return str(json.loads(error_file.read_text())["message"]["message"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return message_of(error_file.read_text())
+    except OSError:
+        return None
+
+
+def message_of(text: str | None) -> str | None:
+    """The message in the text of torchrun's error file, `{"message": {"message": ...}}`."""
+    try:
+        return str(json.loads(text)["message"]["message"]) if text else None
+    except (ValueError, KeyError, TypeError):
         return None
 
 

@@ -25,7 +25,7 @@ from typing import Any
 from job.config import JobConfig, to_yaml
 from job.errors import MlaunchError
 from job.markers import EXIT, PEER_LOST, SIGNAL_DEATH
-from launcher.backends.base import Backend, Job, NodeOutcome, Provisioned, Worker, count_stacks
+from launcher.backends.base import Backend, Job, NodeOutcome, Provisioned, Worker, count_stacks, save_stacks, stacks_script
 from launcher.backends.local import user_error_in
 from launcher.backends.slurm_host import LocalHost, LoginHost, Ran, SlurmHost
 from launcher.console import say
@@ -392,13 +392,8 @@ class SlurmJob(Job):
 
     def collect_stacks(self, dest: Path) -> int:
         if isinstance(self.host, LoginHost):  # the cluster's filesystem: a copy here
-            folder = f"{self.out}/logs/stacks"
-            text = self.host.run(["sh", "-c", f'for f in {folder}/rank-*.txt; do [ -s "$f" ] && echo "==> $f <==" '
-                                  '&& cat "$f"; done; true'], timeout=30).stdout
-            if text.strip():
-                dest.mkdir(parents=True, exist_ok=True)
-                (dest / "cluster.txt").write_text(text)
-            return text.count("==> ")
+            text = self.host.run(["sh", "-c", stacks_script(f"{self.out}/logs/stacks")], timeout=30).stdout
+            return save_stacks(text, dest / "cluster.txt")
         assert isinstance(self.host, LocalHost)
         return count_stacks(self.host.path(f"{self.out}/logs/stacks"))
 

@@ -9,7 +9,6 @@ set, else the directory mlaunch runs in; on a login node `cluster.workdir` (defa
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
@@ -67,11 +66,9 @@ class SlurmHost(ABC):
 
     def error_message(self, path: str) -> str | None:
         """The message of torchrun's error file at `path` (`{"message": {"message": ...}}`)."""
-        text = self.read(path)
-        try:
-            return str(json.loads(text)["message"]["message"]) if text else None
-        except (ValueError, KeyError, TypeError):
-            return None
+        from launcher.backends.local import message_of
+
+        return message_of(self.read(path))
 
     def close(self) -> None:
         pass

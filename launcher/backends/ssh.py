@@ -18,7 +18,7 @@ from typing import Any
 
 from job.config import JobConfig, to_yaml
 from job.errors import MlaunchError
-from launcher.backends.base import Backend, Job, NodeOutcome, Provisioned, Worker, count_stacks
+from launcher.backends.base import Backend, Job, NodeOutcome, Provisioned, Worker, count_stacks, save_stacks, stacks_script
 from launcher.console import say
 from launcher.fanout import fan_out
 from launcher.procs import scoped
@@ -265,31 +265,28 @@ class SSHJob(Job):
                 for n in sorted(self.unanswering)]
         return [m for m in results.ok.values() if m] + [f"{n}: {e}" for n, e in results.failed.items()] + gone
 
+    def _answering(self) -> dict[str, SSHWorker]:
+        """The nodes to ask for stacks: answering, over a live connection."""
+        return {w.name: w for w in self._workers if w.name not in self.unanswering and w.conn.is_active}
+
     def dump_stacks(self) -> None:
         import signal
 
         from launcher import ssh
 
-        reachable = {w.name: w for w in self._workers if w.name not in self.unanswering and w.conn.is_active}
         fan_out(lambda _n, w: ssh.signal_workers(w.conn, scoped(self.plan.run_id, w.name), signal.SIGUSR1,
-                                                 python=w.node.python), reachable)
+                                                 python=w.node.python), self._answering())
 
     def collect_stacks(self, dest: Path) -> int:
         """Each reachable node's stack files (under its workdir) into `dest/<node>.txt`."""
         out = self.plan.output_dir.rstrip("/")
-        reachable = {w.name: w for w in self._workers if w.name not in self.unanswering and w.conn.is_active}
 
         def fetch(name: str, w: SSHWorker) -> int:
-            folder = f"{out}/logs/stacks"
-            res = w.conn.run(f"cd {quote_path(w.node.workdir)} && for f in {quote_path(folder)}/rank-*.txt; do "
-                             f"[ -s \"$f\" ] && echo \"==> $f <==\" && cat \"$f\"; done; true", timeout=30)
-            text = res.stdout
-            if text.strip():
-                dest.mkdir(parents=True, exist_ok=True)
-                (dest / f"{_safe(name)}.txt").write_text(text)
-            return text.count("==> ")
+            script = stacks_script(quote_path(f"{out}/logs/stacks"))
+            res = w.conn.run(f"cd {quote_path(w.node.workdir)} && {script}", timeout=30)
+            return save_stacks(res.stdout, dest / f"{_safe(name)}.txt")
 
-        got = fan_out(fetch, reachable).ok
+        got = fan_out(fetch, self._answering()).ok
         return max(sum(got.values()), count_stacks(dest))
 
     def record(self) -> dict[str, Any]:

@@ -45,3 +45,21 @@ def test_markers_are_recorded_and_kept_off_the_terminal(tmp_path: Path, capsys) 
     assert (tmp_path / "logs" / "n0.log").read_text().splitlines() == lines  # the log keeps every line
     out = capsys.readouterr().out
     assert STARTED not in out and EXIT not in out and "n0 | ddp on 4 rank(s)" in out
+
+
+def test_the_run_id_variable_is_one_name_on_both_sides() -> None:
+    # launcher/procs.py is shipped to nodes as standalone source, so it keeps its own copy.
+    from job.markers import RUN_ID_VAR
+    from launcher import procs
+
+    assert procs.RUN_ID_VAR == RUN_ID_VAR
+
+
+def test_the_probe_runs_the_script_with_a_short_join_timeout() -> None:
+    from launcher.nodes import probe_argv
+
+    argv = ["py", "-m", "torch.distributed.run", "--rdzv-conf", "join_timeout=900,is_host=1", "-m", "train", "c.yaml"]
+    assert probe_argv(argv, "/tmp/p.py") == ["py", "-m", "torch.distributed.run", "--rdzv-conf",
+                                             "join_timeout=60,is_host=1", "/tmp/p.py"]
+    static = ["py", "-m", "torch.distributed.run", "--node-rank", "0", "-m", "train", "c.yaml"]
+    assert probe_argv(static, "p.py") == ["py", "-m", "torch.distributed.run", "--node-rank", "0", "p.py"]
