@@ -9,7 +9,7 @@ run:
 
 test:
 	bash scripts/setup.sh --test
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q -n 2
 
 # The CPU benchmarks of benchmarks/README.md (fan-out needs Debian's pdsh; gpu_check needs a GPU).
 bench:

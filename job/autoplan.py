@@ -16,6 +16,9 @@ from job.config import JobConfig
 from job.errors import ConfigError
 from job.layout import Layout
 
+#: `plan --json`'s `parallel.decided_by` for an entrypoint run: the launcher plans no layout.
+ENTRYPOINT_DECIDES = "the entrypoint (train.auto.prepare asks this planner on the ranks)"
+
 # A tiny model's vocabulary when neither init.vocab_size nor a tokenizer size says it.
 _FALLBACK_VOCAB = 64000
 
@@ -74,10 +77,40 @@ def _workload(cfg: JobConfig, spec: Any) -> Any:
     from job import planner
 
     par = cfg.train.parallel
+    lora = cfg.train.lora
+    adapters = None if lora is None else planner.Adapters(r=lora.r, target_modules=tuple(lora.target_modules),
+                                                          quantize=lora.quantize)
     return planner.Workload(seq_len=cfg.train.data.max_length, micro_batch=cfg.train.data.micro_batch_size,
                             grad_accum=cfg.train.grad_accum, mixed_precision=spec.gpu_name != "cpu",
                             pp_microbatches=par.microbatches,
-                            pp_schedule="gpipe" if par.schedule == "gpipe" else "1f1b")
+                            pp_schedule="gpipe" if par.schedule == "gpipe" else "1f1b", lora=adapters,
+                            loss_chunk_tokens=cfg.train.loss_chunk_tokens)
+
+
+def check_lora(cfg: JobConfig, *, standalone: bool, gpus: dict[int, int] | None) -> None:
+    """`train.lora` checked before anything starts: QLoRA's 4-bit layers need CUDA (bitsandbytes),
+    and every target must be one of the model's linear layers (when its size is known here)."""
+    if cfg.train is None:  # an entrypoint run: nothing of the built-in trainer to check
+        return
+    lora = cfg.train.lora
+    if lora is None:
+        return
+    if cfg.train.parallel.strategy == "pipeline" or (lora.quantize == "4bit" and cfg.train.parallel.strategy in ("fsdp", "hsdp")):
+        raise ConfigError(f"train.lora{'.quantize: 4bit' if lora.quantize == '4bit' else ''} runs under "
+                          f"{'ddp' if lora.quantize == '4bit' else 'ddp and fsdp/hsdp'}, not "
+                          f"{cfg.train.parallel.strategy}; set train.parallel.strategy (or auto)")
+    if lora.quantize == "4bit" and (cfg.train.device == "cpu"
+                                    or cluster_spec(cfg, standalone=standalone, gpus=gpus).gpu_name == "cpu"):
+        raise ConfigError("train.lora.quantize: 4bit (QLoRA) needs CUDA GPUs (bitsandbytes) and this job runs on "
+                          "CPU; use `quantize: none` here, or run it on GPU nodes")
+    try:
+        model, _ = model_config(cfg)
+    except ConfigError:
+        return  # size unknown here: the ranks check the targets against the real model
+    try:
+        model.lora_shapes(lora.r, lora.target_modules, layers=[0])
+    except ValueError as e:
+        raise ConfigError(f"train.lora.target_modules: {e}") from None
 
 
 def assess(cfg: JobConfig, *, standalone: bool, gpus: dict[int, int] | None) -> Any:
@@ -87,6 +120,8 @@ def assess(cfg: JobConfig, *, standalone: bool, gpus: dict[int, int] | None) -> 
     `mlaunch plan` shows it, and warns when it predicts the layout will not fit."""
     from job import planner
 
+    if cfg.train is None:  # an entrypoint decides its own layout on the ranks (train.auto.prepare)
+        return None
     par = cfg.train.parallel
     try:
         model, _ = model_config(cfg)
@@ -106,6 +141,8 @@ def assess(cfg: JobConfig, *, standalone: bool, gpus: dict[int, int] | None) -> 
 
 def resolve_parallel(cfg: JobConfig, *, standalone: bool, gpus: dict[int, int] | None) -> tuple[JobConfig, Any]:
     """For `auto`: (config with the chosen strategy written in, planner Decision); else (cfg, None)."""
+    if cfg.train is None:
+        return cfg, None
     par = cfg.train.parallel
     if par.strategy != "auto":
         return cfg, None
@@ -113,8 +150,14 @@ def resolve_parallel(cfg: JobConfig, *, standalone: bool, gpus: dict[int, int] |
 
     model, source = model_config(cfg)
     spec = cluster_spec(cfg, standalone=standalone, gpus=gpus)
-    decision = planner.plan_parallel(model, spec, _workload(cfg, spec), memory_budget=par.memory_budget)
+    work = _workload(cfg, spec)
+    decision = planner.plan_parallel(model, spec, work, memory_budget=par.memory_budget)
     decision.notes.append(f"model dimensions from {source}; cluster {spec.describe()}")
+    if work.lora is not None:
+        n = model.lora_params(work.lora.r, work.lora.target_modules)
+        decision.notes.append(f"LoRA r={work.lora.r}: {n:,} trainable adapter parameters ({n / model.num_params:.2%}); "
+                              f"the frozen base in {'NF4' if work.lora.quantize == '4bit' else 'bf16' if work.mixed_precision else 'fp32'}, "
+                              "gradients and AdamW state for the adapters only")
     chosen = decision.chosen
     if chosen is None:
         raise ConfigError(f"train.parallel.strategy auto: {decision.reason}")
@@ -130,6 +173,8 @@ def resolve_parallel(cfg: JobConfig, *, standalone: bool, gpus: dict[int, int] |
 def summary(cfg: JobConfig, decision: Any, estimate: Any = None) -> dict[str, Any]:
     """What `plan --json` shows under `parallel`: the strategy the ranks will run, and why (the
     planner's decision for `auto`, its estimate of the chosen layout otherwise)."""
+    if cfg.train is None:
+        return {"strategy": None, "decided_by": ENTRYPOINT_DECIDES}
     par = cfg.train.parallel
     out: dict[str, Any] = {"strategy": par.strategy, "activation_checkpointing": cfg.train.model.activation_checkpointing}
     if par.strategy == "pipeline":

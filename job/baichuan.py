@@ -116,6 +116,44 @@ class BaichuanConfig:
             shapes += [("model.norm.weight", (h,)), ("lm_head.weight", (self.vocab_size, h))]
         return shapes
 
+    # ---------------------------------------------------------------- LoRA adapters
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(out_features, in_features) of each decoder layer's Linear, by module name: the modules
+        LoRA can target (the head is left out: NormHead normalises its rows, which a merged
+        update would change)."""
+        h, f = self.hidden_size, self.intermediate_size
+        return {"W_pack": (3 * h, h), "o_proj": (h, h), "gate_proj": (f, h), "up_proj": (f, h), "down_proj": (h, f)}
+
+    def lora_shapes(self, r: int, target_modules: Iterable[str],
+                    layers: Iterable[int] | None = None) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, shape) of every adapter tensor, as peft saves them: per target Linear(in, out),
+        `lora_A` (r × in) and `lora_B` (out × r)."""
+        linears = self.linear_shapes()
+        targets = list(dict.fromkeys(target_modules))
+        unknown = [t for t in targets if t not in linears]
+        if unknown:
+            raise ValueError(f"LoRA target module(s) {', '.join(unknown)} not in the model; "
+                             f"its linear layers are {', '.join(linears)}")
+        if r < 1:
+            raise ValueError(f"LoRA rank r must be >= 1, got {r}")
+        shapes: list[tuple[str, tuple[int, ...]]] = []
+        for i in range(self.num_hidden_layers) if layers is None else layers:
+            for name in linears:  # the model's own order, whatever order the config lists them in
+                if name in targets:
+                    out_f, in_f = linears[name]
+                    p = f"model.layers.{i}.{'self_attn' if name in ('W_pack', 'o_proj') else 'mlp'}.{name}."
+                    shapes += [(p + "lora_A.weight", (r, in_f)), (p + "lora_B.weight", (out_f, r))]
+        return shapes
+
+    def lora_params(self, r: int, target_modules: Iterable[str]) -> int:
+        """Adapter parameters: r · (in + out) per target Linear, in every layer."""
+        return sum(a * b for _, (a, b) in self.lora_shapes(r, target_modules))
+
+    def linear_params(self, layers: Iterable[int] | None = None) -> int:
+        """Elements of the decoder layers' Linear weights (what QLoRA stores in 4 bits)."""
+        n = self.num_hidden_layers if layers is None else len(list(layers))
+        return n * sum(a * b for a, b in self.linear_shapes().values())
+
     # ---------------------------------------------------------------- FLOPs
     def layer_flops_per_token(self, seq_len: int) -> int:
         """Forward + backward matmul FLOPs of one decoder layer for one token: 6 × its params +

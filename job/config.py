@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,6 +199,36 @@ class LaunchConfig(Section):
     job_restarts: int = Field(0, ge=0, description="After a node's failure, a lost node, a hang or a dropped connection: stop everything, check the nodes, and start the job again from its newest complete checkpoint, up to this many times (each restart said with its cause). With `nnodes: MIN:MAX`, nodes that no longer answer are left out if at least MIN remain. A user error (bad config, diverged loss) and Ctrl-C are not retried. torchrun's in-place `max_restarts` is separate.")
     hang_timeout_s: float | None = Field(None, gt=0, description="A run in which no step completes anywhere for this long (or a rank stops reporting for this long) is hung: the ranks that stopped first are named, every reachable rank's Python stack is saved under `<output_dir>/logs/`, and the job is stopped. Unset: 20 × the slowest step seen, at least 300 s; checkpoints, evaluation and set-up do not count as stalls.")
     silence_warning_s: float = Field(60.0, gt=0, description="Say what the run waits for (e.g. a node that never joins the rendezvous) when no node has printed anything for this long.")
+    entrypoint: list[str] | None = Field(None, description="Run your own script on every rank instead of the built-in trainer: `path/to/script.py --arg value` (relative to the node's workdir) or `-m package.module --arg value`, as a string (split like a shell) or a list. Each rank gets torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, ...), `cluster.env` and MLAUNCH_RUN_ID, nothing else implicit; `train:` is then optional. `train.auto.prepare` parallelises a plain PyTorch script in one line. On the command line: `mlaunch run CONFIG -- script.py --arg value`.")
+    output_dir: str | None = Field(None, description="Where a run without `train:` (an `entrypoint` run) keeps its resolved config and logs; default `runs/<name>`. With `train:` the run's outputs are `train.output_dir`.")
+
+    @field_validator("entrypoint", mode="before")
+    @classmethod
+    def _entrypoint_words(cls, v: Any) -> Any:
+        """A YAML string is split as a shell would (quotes group words); a list is taken as it is."""
+        if isinstance(v, str):
+            try:
+                v = shlex.split(v)
+            except ValueError as e:
+                raise ValueError(f"cannot split it into words ({e}); check its quotes") from None
+        if isinstance(v, list):
+            v = [str(w) if isinstance(w, (int, float)) and not isinstance(w, bool) else w for w in v]
+        return v
+
+    @field_validator("entrypoint")
+    @classmethod
+    def _entrypoint_shape(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        if not v or not v[0].strip():
+            raise ValueError("is empty; give a script path (`train.py --lr 1e-4`) or `-m module args`")
+        if v[0] == "-m" and (len(v) < 2 or v[1].startswith("-")):
+            raise ValueError("`-m` needs a module name after it, e.g. `-m mypkg.train --lr 1e-4`")
+        if v[0].startswith("-") and v[0] != "-m":
+            raise ValueError(f"starts with the option {v[0]!r}; it starts with the script path or `-m module` (torchrun's own options are `launch.*` keys)")
+        if Path(v[0]).name.startswith("python") or Path(v[0]).name in ("torchrun", "mlaunch"):
+            raise ValueError(f"starts with {v[0]!r}; write the script itself (`train.py ...`): torchrun runs it with `cluster.python`")
+        return v
 
     @field_validator("nproc_per_node")
     @classmethod
@@ -339,6 +370,23 @@ class CheckpointConfig(Section):
     dir: str | None = Field(None, description="Checkpoint folder; default `<output_dir>/checkpoints`. Multi-node runs need it on a filesystem every node sees (DCP: each rank writes its own shard).")
     export: bool = Field(True, description="At the end, write the fine-tuned model in the hub layout (safetensors + config.json + tokenizer.model) to `<output_dir>/export`.")
     export_dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="dtype of the exported weights: `bfloat16` as Baichuan publishes them (13B: 28 GB instead of 56 GB), or the fp32 master weights.")
+    export_format: Literal["baichuan", "llama"] = Field("baichuan", description="`baichuan`: the published layout (W_pack, NormHead), loadable with the published remote code on transformers 4.33–4.40 and by `mlaunch generate`; `llama`: a stock LlamaForCausalLM (q/k/v split, NormHead rows pre-normalised) that today's transformers loads without remote code — RoPE models only (Baichuan-7B, Baichuan2-7B).")
+
+
+#: Baichuan's linear layers, the default LoRA targets (peft matches them by module-name suffix).
+LORA_TARGETS = ["W_pack", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class LoraConfig(Section):
+    """Low-rank adapters through `peft` on the frozen base model (Hu et al. 2021): only the adapters
+    train, so gradients and AdamW state exist only for them, and checkpoints hold only them."""
+
+    r: int = Field(8, gt=0, description="Adapter rank: each target Linear(in, out) gets A (r × in) and B (out × r).")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator: the adapter's update is (alpha / r) · B·A.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input (peft's `lora_dropout`).")
+    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS), min_length=1, description="Linear layers that get adapters, by name (Baichuan's: W_pack, o_proj, gate_proj, up_proj, down_proj).")
+    quantize: Literal["none", "4bit"] = Field("none", description="`4bit`: QLoRA, the frozen decoder-layer linears stored in NF4 through bitsandbytes (CUDA only; ddp).")
+    merge: bool = Field(False, description="The export also holds the merged full weights (base + adapters) in the hub layout, under `<output_dir>/export/merged`.")
 
 
 class TrainConfig(Section):
@@ -349,6 +397,7 @@ class TrainConfig(Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Learning-rate schedule.")
     parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Parallel strategy.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing and resume.")
+    lora: LoraConfig | None = Field(None, description="Train LoRA adapters on a frozen base instead of every weight (QLoRA with `quantize: 4bit`); unset = full fine-tuning.")
     epochs: int = Field(1, ge=1, description="Passes over the training data (ignored when `max_steps` is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
@@ -358,15 +407,115 @@ class TrainConfig(Section):
     eval_every: int | None = Field(None, ge=1, description="Eval loss on the held-out split every N steps (and at the end).")
     output_dir: str = Field("runs/default", description="Run outputs: resolved config, logs, metrics.jsonl, checkpoints, export.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: CUDA (NCCL) when available, else CPU (gloo).")
+    loss_chunk_tokens: int = Field(2048, ge=0, description="The training loss is computed from the last hidden states this many tokens at a time (head matmul, cross-entropy, z-loss and their gradients in one pass), so the [tokens × vocab] logits never exist whole (Baichuan2's 125,696-word vocabulary: 4 GB of bf16 logits + 8 GB fp32 per 16k tokens). Numerically the same loss and gradients; 0 = the plain path through the full logits.")
+    compile: Literal["none", "blocks"] = Field("none", description="`blocks`: `torch.compile` each decoder layer (torchtitan's regional compilation: one small graph reused by every layer, after activation checkpointing, before FSDP wraps it). If the compiler cannot run here (no C compiler, inductor error), a one-line warning says why and training runs eager.")
     dist_timeout_s: float = Field(900.0, gt=0, description="Collective timeout of the process group: a collective that a peer never joins fails after this long instead of waiting forever (gloo's default is 30 min, NCCL's 10). It also bounds the node-local data preparation (local rank 0 tokenizes while the others wait in a barrier). mlaunch's hang detection (`launch.hang_timeout_s`) acts much sooner.")
-    tensorboard: bool = Field(False, description="Also write TensorBoard scalars (when tensorboard is installed).")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list, description="Where rank 0 also logs the train/eval scalars (loss, lr, tokens/s, …), besides the always-written `<output_dir>/metrics.jsonl`: `tensorboard` (event files in `<output_dir>/tensorboard`) and/or `wandb` (a Weights & Biases run named after the job, with the resolved config; project `$WANDB_PROJECT`, default `mlaunch`; a resume continues the same run; `WANDB_MODE=offline` works without network). The package must be installed on the nodes (`pip install 'mlaunch[metrics]'`).")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_tensorboard(cls, data: Any) -> Any:
+        """`tensorboard: true` (before report_to) is still read, with a one-line note."""
+        if isinstance(data, dict) and "tensorboard" in data:
+            data = dict(data)
+            old = data.pop("tensorboard")
+            if not isinstance(old, bool):
+                raise ValueError("`tensorboard` is now `report_to: [tensorboard]`")
+            if old:
+                data["report_to"] = [*data.get("report_to", []), "tensorboard"]
+            print("note: train.tensorboard is deprecated; write `report_to: [tensorboard]`", file=sys.stderr)
+        return data
+
+    @model_validator(mode="after")
+    def _llama_export_needs_rope(self) -> "TrainConfig":
+        if self.checkpoint.export_format == "llama" and _position_of(self.model) == "alibi":
+            raise ValueError("checkpoint.export_format llama needs a RoPE model (Baichuan-7B, Baichuan2-7B); this "
+                             "model uses ALiBi (the 13B models), which Llama cannot express: use export_format baichuan")
+        return self
+
+
+def _position_of(m: ModelConfig) -> str | None:
+    """The position scheme `m` builds, where it can be told without torch (None: not known yet)."""
+    from job.baichuan import VARIANTS, by_name
+
+    if m.position != "auto":
+        return m.position
+    if m.variant != "auto":
+        return VARIANTS[m.variant].position
+    if m.init is not None:
+        return "rope"  # `init` with variant auto is baichuan2-7b's layout
+    config_json = Path(os.path.expanduser(m.name_or_path or "")) / "config.json"
+    if config_json.is_file():
+        try:
+            import json
+
+            return "rope" if "max_position_embeddings" in json.loads(config_json.read_text()) else "alibi"
+        except (OSError, ValueError):
+            return None
+    try:
+        return by_name(m.name_or_path or "").position
+    except ConfigError:
+        return None
 
 class JobConfig(Section):
     name: str | None = Field(None, description="Job name (rendezvous id prefix, log headers); default: the YAML file's stem.")
     cluster: ClusterConfig | None = Field(None, description="The nodes (inline, or a path to a cluster YAML); unset = this machine only.")
     launch: LaunchConfig = Field(default_factory=LaunchConfig, description="torchrun settings.")
-    train: TrainConfig = Field(description="What every rank runs.")
+    train: TrainConfig | None = Field(None, description="What every rank runs (the built-in Baichuan trainer); optional when `launch.entrypoint` runs a script of your own.")
+
+    @model_validator(mode="after")
+    def _something_to_run(self) -> "JobConfig":
+        if self.train is None and self.launch.entrypoint is None:
+            raise ValueError(NOTHING_TO_RUN)
+        if self.train is not None and self.launch.output_dir is not None:
+            raise ValueError("`launch.output_dir` is for runs without `train:`; with `train:` the outputs go to "
+                             "`train.output_dir`: set that one instead")
+        return self
+
+    @property
+    def output_dir(self) -> str:
+        """Where this run's resolved config, logs and outputs go: `train.output_dir` for the built-in
+        trainer; `launch.output_dir`, else `runs/<name>`, for an entrypoint run without `train:`.
+        Every launcher consumer reads it here."""
+        if self.train is not None:
+            return self.train.output_dir
+        return self.launch.output_dir or f"runs/{_safe_name(self.name or 'job')}"
+
+    def with_output_dir(self, path: str) -> "JobConfig":
+        """A copy whose outputs go to `path` (train.output_dir, or launch.output_dir without `train:`)."""
+        out = self.model_copy(deep=True)
+        if out.train is not None:
+            out.train.output_dir = path
+        else:
+            out.launch.output_dir = path
+        return out
+
+
+NOTHING_TO_RUN = ("`train` is required (nothing to run): add a `train:` section for the built-in trainer (see "
+                  "configs/tiny.yaml), or run a script of your own with `launch.entrypoint: script.py --args` "
+                  "(or `mlaunch run CONFIG -- script.py --args`)")
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name) or "job"
+
+
+def with_entrypoint(cfg: JobConfig, argv: list[str]) -> JobConfig:
+    """`mlaunch run CONFIG -- script.py --arg ...`: a copy of `cfg` whose every rank runs `argv`
+    (a script path or `-m module`, then its arguments; it replaces `launch.entrypoint`). A config
+    that has neither `train:` nor an entrypoint cannot be loaded first: pass the words to
+    `load_config(..., entrypoint=argv)` instead."""
+    out = cfg.model_copy(deep=True)
+    try:
+        out.launch.entrypoint = list(argv)
+    except ValidationError as e:
+        raise ConfigError(f"`-- {shlex.join(argv)}`: the entrypoint {_first_message(e)}") from None
+    return out
+
+
+def _first_message(e: ValidationError) -> str:
+    msg = e.errors()[0]["msg"]
+    return msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -516,6 +665,8 @@ def _explain(err: dict, smap: SourceMap) -> str:
         return f"{where}: unknown key `{name}`; {hint}"
     if kind == "missing":
         return f"{where}: `{name}` is required; add it"
+    if not clean and kind == "value_error":  # a whole-job rule (JobConfig's own validator)
+        return f"{where}: {err['msg'].removeprefix('Value error, ')}"
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
@@ -573,12 +724,25 @@ def _apply_override(data: dict, parts: tuple[str, ...], value: Any, item: str, s
     smap.lines[parts] = (f"--set {item}", 0)
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
-    """Read a job YAML (plus `--set` overrides) into a validated `JobConfig`, or raise ConfigError."""
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),
+                entrypoint: list[str] | None = None) -> JobConfig:
+    """Read a job YAML (plus `--set` overrides) into a validated `JobConfig`, or raise ConfigError.
+
+    `entrypoint` (the words after `mlaunch run CONFIG --`) replaces `launch.entrypoint` before
+    validation, so a YAML with no `train:` section of its own is complete with it."""
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"{file}: config file not found; pass the path of a job YAML such as configs/tiny.yaml")
     data, smap = _read(file)
+    if entrypoint is not None:
+        if data is None:
+            data = {}
+        if isinstance(data, dict):
+            if not isinstance(data.get("launch"), dict):
+                data["launch"] = {} if data.get("launch") is None else data["launch"]
+            if isinstance(data["launch"], dict):
+                data["launch"]["entrypoint"] = list(entrypoint)
+                smap.lines[("launch", "entrypoint")] = (f"`-- {shlex.join(entrypoint)}`", 0)
     return _job(file, data, smap, overrides)
 
 

@@ -8,11 +8,16 @@ supervise (launcher/supervisor.py: streaming, liveness, hangs, first failure sto
 With `launch.job_restarts: N`, a run that failed for a reason another start could cure (a node
 failed, was lost or hung) goes round again, up to N times: a new run id, the same output
 directory, so the trainer resumes from its newest complete checkpoint (`resume: auto`).
+
+Every run has an entry in the run registry (launcher/registry.py) from before its provisioning
+to its end, whether the terminal holds it or a detached supervisor does (launcher/detach.py).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import time
 from pathlib import Path
 
 from job.config import JobConfig
@@ -20,16 +25,50 @@ from job.errors import MlaunchError
 from launcher.backends import backend_for
 from launcher.backends.base import Backend
 from launcher.console import say
-from launcher.planning import build_plan
+from launcher.planning import build_plan, new_run_id
+from launcher.registry import Entry
 from launcher.supervisor import Supervisor, Verdict
 
 
-def launch(cfg: JobConfig, backend: Backend | None = None, *, standalone: bool = False) -> int:
+def register(cfg: JobConfig, *, standalone: bool, detached: bool = False, request: dict | None = None) -> Entry:
+    """A new run's registry entry (state `starting`), before anything is reached or started."""
+    backend = "local" if standalone or cfg.cluster is None else cfg.cluster.backend
+    nodes = (["local"] if backend == "local" else
+             [cfg.cluster.node_name(i) for i in range(len(cfg.cluster.nodes))] if backend == "ssh" else [])
+    entry = Entry(run_id=new_run_id(cfg.name or "job"), name=cfg.name or "job", backend=backend,
+                  output_dir=str(Path(cfg.output_dir).resolve()), config=str((request or {}).get("config", "")),
+                  nodes=nodes, detached=detached, request=request or {})
+    entry.save()
+    return entry
+
+
+def launch(cfg: JobConfig, backend: Backend | None = None, *, standalone: bool = False,
+           entry: Entry | None = None) -> int:
+    if entry is None:  # attached: this process is the supervisor
+        entry = register(cfg, standalone=standalone, request={"config": "", "standalone": standalone, "cwd": os.getcwd()})
+    entry.claim()
+    try:
+        code = _attempts(cfg, backend, standalone, entry)
+    except BaseException as e:  # provisioning and set-up errors: the entry says how the run ended
+        if entry.live:
+            entry.state = "stopped" if isinstance(e, KeyboardInterrupt) else "failed"
+            entry.exit_code = getattr(e, "exit_code", 130 if isinstance(e, KeyboardInterrupt) else 1)
+            entry.cause, entry.ended = str(e) or type(e).__name__, time.time()
+            entry.save()
+        raise
+    return code
+
+
+def _attempts(cfg: JobConfig, backend: Backend | None, standalone: bool, entry: Entry) -> int:
     restarts = cfg.launch.job_restarts
     for attempt in range(restarts + 1):
         if attempt:
             cfg = nodes_for_restart(cfg)
-        verdict = launch_once(cfg, backend if attempt == 0 and backend else backend_for(cfg, standalone=standalone))
+        run_id = entry.run_id if attempt == 0 else new_run_id(cfg.name or "job")
+        if attempt:
+            entry.attempts.append(run_id)
+        verdict = launch_once(cfg, backend if attempt == 0 and backend else backend_for(cfg, standalone=standalone),
+                              run_id=run_id, entry=entry, restarts_left=restarts - attempt)
         if verdict.code == 0 or not verdict.retry:
             return verdict.code
         if attempt == restarts:
@@ -41,17 +80,19 @@ def launch(cfg: JobConfig, backend: Backend | None = None, *, standalone: bool =
     raise AssertionError("unreachable")
 
 
-def launch_once(cfg: JobConfig, backend: Backend) -> Verdict:
+def launch_once(cfg: JobConfig, backend: Backend, *, run_id: str | None = None, entry: Entry | None = None,
+                restarts_left: int = 0) -> Verdict:
     local = backend.name == "local"
     try:
         found = backend.provision()
-        plan, _ = build_plan(cfg, standalone=local, probe=local, addrs=found.addrs, gpus=found.gpus)
+        plan, _ = build_plan(cfg, standalone=local, probe=local, run_id=run_id, addrs=found.addrs, gpus=found.gpus)
         (Path(plan.output_dir) / "logs").mkdir(parents=True, exist_ok=True)
         backend.setup(plan)
         say(f"run {plan.run_id}: {backend.describe(plan)}")
         job = backend.start(plan)
         try:
-            supervisor = Supervisor(cfg, plan, job, prefixed=not local)
+            supervisor = Supervisor(cfg, plan, job, prefixed=not local, entry=entry,
+                                    echo=not (entry and entry.detached), restarts_left=restarts_left)
             supervisor.run()
             return supervisor.verdict
         finally:
@@ -83,6 +124,11 @@ def nodes_for_restart(cfg: JobConfig) -> JobConfig:
         raise MlaunchError(f"cannot restart: {len(down)} of {len(names)} node(s) do not answer ({why}); "
                            + (f"fewer than launch.nnodes minimum {lo} remain" if lo != hi else
                               "launch.nnodes: MIN:MAX lets a restart go on without them"))
+    kept = [node for i, node in enumerate(cluster.nodes) if cluster.node_name(i) not in down]
+    if cfg.train is None:  # an entrypoint run: its batch sizes are the script's own business
+        say(f"restarting without {', '.join(down)} (not answering): {healthy} node(s), launch.nnodes={lo}:{hi}")
+        return cfg.model_copy(update={"cluster": cluster.model_copy(update={"nodes": kept}),
+                                      "launch": cfg.launch.model_copy(update={"nnodes": f"{lo}:{min(hi, healthy)}"})})
     # The resume keeps the data order only with the same global batch per micro-step (micro-batch
     # × data-parallel size; train/data/sampler.py): fewer nodes, proportionally larger micro-batches.
     total, micro = len(names), cfg.train.data.micro_batch_size
@@ -93,7 +139,6 @@ def nodes_for_restart(cfg: JobConfig) -> JobConfig:
     new_micro = micro * total // healthy
     say(f"restarting without {', '.join(down)} (not answering): {healthy} node(s), launch.nnodes={lo}:{hi}, "
         f"train.data.micro_batch_size {micro} → {new_micro} (the same global batch, the same data order)")
-    kept = [node for i, node in enumerate(cluster.nodes) if cluster.node_name(i) not in down]
     train = cfg.train.model_copy(update={"data": cfg.train.data.model_copy(update={"micro_batch_size": new_micro})})
     return cfg.model_copy(update={"cluster": cluster.model_copy(update={"nodes": kept}),
                                   "launch": cfg.launch.model_copy(update={"nnodes": f"{lo}:{min(hi, healthy)}"}),

@@ -299,8 +299,13 @@ PROBE_JOIN_TIMEOUT_S = 60
 
 
 def probe_argv(argv: list[str], script: str) -> list[str]:
-    """A node's torchrun argv with `script` in place of `-m train CONFIG`, and a short join timeout."""
-    out = argv[: argv.index("-m", 3)] + [script]
+    """A node's torchrun argv with `script` in place of what it runs (`-m train CONFIG` or the
+    entrypoint), and a short join timeout. The plan's torchrun options are `--name value` pairs
+    (only `--standalone` stands alone) after `python -m torch.distributed.run`."""
+    i = 3
+    while i < len(argv) and argv[i].startswith("--"):
+        i += 1 if argv[i] == "--standalone" else 2
+    out = argv[:i] + [script]
     if "--rdzv-conf" in out:  # c10d (static rendezvous has no join timeout)
         i = out.index("--rdzv-conf") + 1
         out[i] = re.sub(r"join_timeout=\d+", f"join_timeout={PROBE_JOIN_TIMEOUT_S}", out[i])

@@ -91,10 +91,9 @@ def _collective(host: SlurmHost, job: JobConfig, summary: NodeReport, reports: d
     from launcher import sbatch
     from launcher.planning import build_plan
 
-    cfg = job.model_copy(deep=True)
-    cfg.launch.nproc_per_node = 1
     work = f".mlaunch/nodes-check-{time.strftime('%Y%m%d-%H%M%S')}"  # under the submit directory
-    cfg.train.output_dir = work
+    cfg = job.with_output_dir(work)
+    cfg.launch.nproc_per_node = 1
     the_plan, _ = build_plan(cfg, standalone=False, probe=False)
     host.prepare(work)
     probe = f"{work}/allreduce.py"

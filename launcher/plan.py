@@ -53,7 +53,8 @@ class NodePlan:
         `$$` survives `exec`: the first output line is torchrun's own pid, which (sshd making the
         pty's shell a session leader) is also its process group and session id, recorded per run."""
         env = masked_env(self.env) if mask else self.env
-        return job_command(self.argv, env, env[RUN_ID_VAR], cwd=self.workdir, prelude=self.setup)
+        return job_command(self.argv, env, env[RUN_ID_VAR], cwd=self.workdir, prelude=self.setup,
+                           processes=self.nproc_per_node)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,11 @@ class Plan:
     parallel: dict[str, Any] = field(default_factory=dict)
     backend: str = "local"  # local | ssh | slurm: which of launcher/backends/ executes it
     sbatch: str | None = None  # slurm: the batch script submitted as it is
+
+    def running(self) -> str:
+        """What every rank runs, for one-line descriptions: the strategy, or the user's entrypoint."""
+        ep = self.resolved.launch.entrypoint
+        return f"entrypoint `{' '.join(ep)}`" if ep else f"strategy {self.parallel.get('strategy')}"
 
     def sbatch_text(self, mask: bool = False) -> str | None:
         """The batch script; with `mask`, secret-looking env values shown as ****."""
@@ -94,6 +100,8 @@ class Plan:
             "world_size": self.world_size,
             "config_path": self.config_path,
             "output_dir": self.output_dir,
+            # Only for a script of the user's own (the built-in trainer's plans keep their shape).
+            **({"entrypoint": list(self.resolved.launch.entrypoint)} if self.resolved.launch.entrypoint else {}),
             "parallel": self.parallel,
             "backend": self.backend,
             "nodes": nodes,
@@ -125,6 +133,16 @@ def nnodes_bounds(nnodes: str) -> tuple[int, int]:
     return int(lo), int(hi or lo)
 
 
+def entry_args(cfg: JobConfig, config_path: str) -> list[str]:
+    """What torchrun runs on every rank, after its own options: the built-in trainer
+    (`-m train CONFIG`), or `launch.entrypoint` as written — torchrun's own forms, a script path
+    (`script.py args`) or `-m module args`. The entrypoint is not given the config path: it gets
+    torchrun's environment, `cluster.env` and the run id, nothing implicit."""
+    if cfg.launch.entrypoint is not None:
+        return list(cfg.launch.entrypoint)
+    return ["-m", "train", config_path]
+
+
 def make_plan(
     cfg: JobConfig,
     *,
@@ -147,7 +165,7 @@ def make_plan(
     launch = cfg.launch
     job = cfg.name or "job"
     base_env = {RUN_ID_VAR: run_id, "PYTHONUNBUFFERED": "1"}
-    train_args = ["-m", "train", config_path]
+    train_args = entry_args(cfg, config_path)
     ranks_filter = []
     if launch.local_ranks_filter is not None:
         ranks_filter = ["--local-ranks-filter", ",".join(str(r) for r in launch.local_ranks_filter)]
@@ -161,7 +179,7 @@ def make_plan(
                 "--max-restarts", str(launch.max_restarts), "--monitor-interval", _num(launch.monitor_interval_s),
                 *ranks_filter, *train_args]
         node = NodePlan(0, "local", "localhost", 0, None, "127.0.0.1", ".", nproc, why, python, argv, env, None)
-        return Plan(job, run_id, True, None, [node], nproc, config_path, cfg.train.output_dir, cfg, parallel or {})
+        return Plan(job, run_id, True, None, [node], nproc, config_path, cfg.output_dir, cfg, parallel or {})
 
     cluster = cfg.cluster
     # The job runs in a pty (so an SSH hangup reaches it) or under srun, and its output becomes
@@ -210,7 +228,7 @@ def make_plan(
                               node_addr[i], cluster.node_workdir(i), nproc, why, node_python, argv,
                               {**env_common, NODE_VAR: cluster.node_name(i)},
                               cluster.setup))
-    return Plan(job, run_id, False, rdzv, nodes, world, config_path, cfg.train.output_dir, cfg, parallel or {}, "ssh")
+    return Plan(job, run_id, False, rdzv, nodes, world, config_path, cfg.output_dir, cfg, parallel or {}, "ssh")
 
 
 def submit_dir(cluster: Any) -> str | None:
@@ -240,7 +258,7 @@ def _slurm_plan(cfg: JobConfig, *, job: str, run_id: str, config_path: str, env:
     if not isinstance(launch.nproc_per_node, int):
         why = f"auto: cluster.slurm.gpus_per_node = {slurm.gpus_per_node}" + ("" if slurm.gpus_per_node else ", 1 process (CPU)")
     workdir = submit_dir(cluster)
-    env = {**env, CHECKPOINT_REQUEST_VAR: f"{cfg.train.output_dir.rstrip('/')}/{sbatch.CHECKPOINT_REQUEST}"}
+    env = {**env, CHECKPOINT_REQUEST_VAR: f"{cfg.output_dir.rstrip('/')}/{sbatch.CHECKPOINT_REQUEST}"}
     endpoint = f"{sbatch.RDZV_ADDR}:{sbatch.RDZV_PORT}"
     argv = [*head, "--nnodes", str(slurm.nodes), "--nproc-per-node", str(nproc),
             "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", sbatch.JOB_ID,
@@ -250,10 +268,10 @@ def _slurm_plan(cfg: JobConfig, *, job: str, run_id: str, config_path: str, env:
     rdzv = Rendezvous("c10d", endpoint, sbatch.JOB_ID, str(slurm.nodes), sbatch.RDZV_ADDR, launch.rdzv.port)
     nodes = [NodePlan(i, f"slurm-node-{i}", "(allocated by Slurm)", 0, None, sbatch.NODE_ADDR, workdir or ".", nproc, why,
                       head[0], argv, dict(env), cluster.setup) for i in range(slurm.nodes)]
-    text = sbatch.script(slurm, job_name=job, run_id=run_id, nodes=slurm.nodes, output_dir=cfg.train.output_dir,
+    text = sbatch.script(slurm, job_name=job, run_id=run_id, nodes=slurm.nodes, output_dir=cfg.output_dir,
                          workdir=workdir, argv=argv, env=env, setup=cluster.setup, rdzv_port_base=launch.rdzv.port,
-                         job_restarts=launch.job_restarts)
-    return Plan(job, run_id, False, rdzv, nodes, nproc * slurm.nodes, config_path, cfg.train.output_dir, cfg, parallel,
+                         job_restarts=launch.job_restarts, processes=nproc)
+    return Plan(job, run_id, False, rdzv, nodes, nproc * slurm.nodes, config_path, cfg.output_dir, cfg, parallel,
                 "slurm", text)
 
 

@@ -46,8 +46,13 @@ def build_plan(
     local = standalone or cfg.cluster is None
     if local and probe and gpus is None:
         gpus = {0: local_gpu_count()}
+    autoplan.check_lora(cfg, standalone=local, gpus=gpus)
+    if local and probe:  # about to run here: a missing entrypoint is one line now, not a torchrun trace
+        from launcher.entrypoint import check_here
+
+        check_here(cfg)
     cfg, decision = autoplan.resolve_parallel(cfg, standalone=local, gpus=gpus)
-    config_path = str(Path(cfg.train.output_dir) / "config.yaml")
+    config_path = str(Path(cfg.output_dir) / "config.yaml")
     the_plan = make_plan(
         cfg,
         run_id=run_id,
@@ -68,6 +73,8 @@ def check_layout(the_plan: Plan) -> None:
     node is touched (the ranks check again with the world that actually started)."""
     from job.layout import Layout
 
+    if the_plan.resolved.train is None:  # an entrypoint run: the script lays itself out
+        return
     nprocs = {n.nproc_per_node for n in the_plan.nodes}
     elastic = the_plan.rendezvous is not None and ":" in the_plan.rendezvous.nnodes
     if len(nprocs) == 1 and not elastic:

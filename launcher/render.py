@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from typing import Any
 
 from job.config import JobConfig
@@ -35,11 +36,17 @@ def print_plan(plan: Plan, cfg: JobConfig, decision: Any) -> None:
         table.add_row(str(n.node_rank), n.name, ssh, n.addr, str(n.nproc_per_node), n.nproc_source)
     console.print(table)
     par = plan.parallel
+    if cfg.launch.entrypoint is not None:
+        console.print(f"entrypoint (every rank): {shlex.join(cfg.launch.entrypoint)}", markup=False)
+    if par.get("decided_by"):  # an entrypoint run: no layout planned here
+        console.print(f"parallel: decided by {par['decided_by']}", markup=False)
+        par = {}
     line = f"parallel: [bold]{par.get('strategy')}[/bold]"
     extras = {k: v for k, v in par.items() if k not in ("strategy", "reason", "decision", "estimate")}
     if extras:
         line += " (" + ", ".join(f"{k}={v}" for k, v in extras.items()) + ")"
-    console.print(line)
+    if par:
+        console.print(line)
     if decision is not None:
         print_decision(console, decision)
     elif "estimate" in par:
@@ -51,7 +58,8 @@ def print_plan(plan: Plan, cfg: JobConfig, decision: Any) -> None:
         else:
             console.print(f"[bold red]warning:[/bold red] {line}: predicted NOT to fit; "
                           "`train.parallel.strategy: auto` picks a layout that does")
-    console.print(f"every rank reads: {plan.config_path}   outputs: {plan.output_dir}/")
+    reads = "resolved config (for the record)" if cfg.launch.entrypoint is not None else "every rank reads"
+    console.print(f"{reads}: {plan.config_path}   outputs: {plan.output_dir}/")
     if plan.sbatch is not None:
         # Exactly what `mlaunch run` submits (secret-looking values masked here only).
         console.print(f"[bold]sbatch script[/bold] (written to {plan.output_dir}/slurm/, submitted with `sbatch --parsable`):")

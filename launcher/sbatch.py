@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 
 from job.config import SlurmConfig
 from job.markers import EXIT, PEER_LOST, SIGNAL_DEATH
-from launcher.shell import check_env_names, quote_path
+from launcher.shell import check_env_names, quote_path, threads_line
 
 #: Shell variables the plan's argv refers to; the batch shell and each task set them.
 RDZV_ADDR = "${MLAUNCH_RDZV_ADDR}"
@@ -65,6 +65,7 @@ def script(
     setup: str | None,
     rdzv_port_base: int,
     job_restarts: int = 0,
+    processes: int | None = None,
 ) -> str:
     """The batch script. It is submitted from `workdir` (None: the directory mlaunch runs in), so
     the job runs there: no `--chdir`, which would not expand `~`."""
@@ -125,6 +126,7 @@ def script(
         # The launcher's request for the ranks' stacks (scancel --signal=USR1) reaches this task; it
         # passes it on to torchrun's children, the ranks (faulthandler answers). torchrun itself,
         # which has no USR1 handler and would die of it, ignores it (inherited through exec).
+        *([f"  {threads_line(processes)}"] if processes and "OMP_NUM_THREADS" not in env else []),
         setup_line + f"  ( trap '' USR1; exec {task_command(argv, env)} ) &",
         "  local pid=$! code",
         '  trap \'for c in $(pgrep -P "$pid"); do kill -USR1 "$c"; done\' USR1',

@@ -69,23 +69,36 @@ def shell_command(
     return " && ".join(steps)
 
 
+def threads_line(processes: int) -> str:
+    """Shell that sets OMP_NUM_THREADS, unless already set, to the node's cores (those this shell
+    may use: nproc honours cpusets and Slurm's binding) divided among its `processes`. Unset,
+    torchrun sets 1 per process and prints a banner asking for exactly this."""
+    cores = "$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN)"
+    return (f'if [ -z "${{OMP_NUM_THREADS:-}}" ]; then OMP_NUM_THREADS=$(( {cores} / {int(processes)} )); '
+            f'[ "$OMP_NUM_THREADS" -ge 1 ] 2>/dev/null || OMP_NUM_THREADS=1; export OMP_NUM_THREADS; fi')
+
+
 def job_command(
     argv: Sequence[str],
     env: Mapping[str, str] | None,
     run_id: str,
     cwd: str | None = None,
     prelude: str | None = None,
+    processes: int | None = None,
 ) -> str:
     """The line that starts one node's job (torchrun) for `Connection.start(..., pty=True)`.
 
     It prints `MLAUNCH_PID=$$` first — `$$` survives `exec`, so it is the job's own pid, which
     is also its process group and session (sshd makes the pty's shell a session leader) — and
     puts `MLAUNCH_RUN_ID=<run_id>` into the job's environment, which torchrun's workers inherit,
-    so `kill_run` can find every process of the run later.
+    so `kill_run` can find every process of the run later. With `processes` (ranks on the node),
+    OMP_NUM_THREADS is set from the node's cores when neither the environment nor `env` sets it.
     """
     assert _RUN_ID.match(run_id), f"run id {run_id!r} must match {_RUN_ID.pattern}"
     full_env = {**(env or {}), RUN_ID_VAR: run_id}
     marker = f"printf '{PID_MARKER}%s\\n' \"$$\""
+    if processes and "OMP_NUM_THREADS" not in full_env:
+        prelude = threads_line(processes) + (f" && {prelude.strip()}" if prelude and prelude.strip() else "")
     return f"{marker}; " + shell_command(argv, full_env, cwd=cwd, prelude=prelude, exec_=True)
 
 

@@ -1,13 +1,19 @@
 """The supervisor: one for every backend. It streams each node's output (prefixed on the terminal,
-verbatim in `<output_dir>/logs/<node>.log`), writes run.json, says what a silent run waits for,
-stops everything on the first failure, Ctrl-C or SIGTERM, and turns the end into one report and
-one exit code. Backends (launcher/backends/) only start, poll and stop their nodes.
+verbatim in `<output_dir>/logs/<node>.log`), writes run.json and the run's registry entry
+(launcher/registry.py: state, nodes, rank 0's progress), says what a silent run waits for, stops
+everything on the first failure, Ctrl-C or SIGTERM, and turns the end into one report, a summary,
+`<output_dir>/loss.png` and one exit code. Backends (launcher/backends/) only start, poll and stop
+their nodes.
+
+On a terminal the nodes' lines scroll above one progress line (launcher/live.py), drawn from rank
+0's `MLAUNCH_EVENT=` lines (job/events.py), never from its human sentences.
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import re
 import sys
 import threading
 import time
@@ -17,10 +23,14 @@ from typing import Any
 
 from job.config import JobConfig
 from job.files import publish_file
-from job.markers import BEAT, STARTED, beat_interval, is_marker
+from job.events import parse_event
+from job.markers import BEAT, EVENT, STARTED, beat_interval, is_marker
 from launcher.backends.base import Job, NodeOutcome, Worker
 from launcher.console import say
+from launcher.live import View
 from launcher.plan import Plan
+from launcher.progress import Progress
+from launcher.registry import PROGRESS_EVERY_S, Entry
 from launcher.stopping import Stop
 
 #: Other nodes are stopped within this many seconds of a node's failure.
@@ -47,6 +57,12 @@ class Verdict:
     code: int
     retry: bool = False
     cause: str = ""
+    #: For the registry: `done`, `failed`, `stopped`, `hung` (empty: from the code).
+    state: str = ""
+
+    @property
+    def final_state(self) -> str:
+        return self.state or ("done" if self.code == 0 else "failed")
 
 
 @dataclass
@@ -60,8 +76,15 @@ class _Node:
 
 
 class Supervisor:
-    def __init__(self, cfg: JobConfig, plan: Plan, job: Job, *, prefixed: bool = True) -> None:
+    def __init__(self, cfg: JobConfig, plan: Plan, job: Job, *, prefixed: bool = True,
+                 entry: Entry | None = None, echo: bool = True, restarts_left: int = 0) -> None:
         self.cfg, self.plan, self.job = cfg, plan, job
+        # The registry entry (None: not registered, e.g. a test driving a Supervisor directly);
+        # `echo=False`: a detached supervisor, whose nodes' lines are in their logs only.
+        self.entry, self.echo = entry, echo
+        self.view = View(Progress(started_at=entry.started if entry else time.time()), live=None if echo else False)
+        self._entry_saved = 0.0
+        self.restarts_left = restarts_left
         self.out = Path(plan.output_dir)
         self.logs = self.out / "logs"
         self.prefixed = prefixed
@@ -70,7 +93,6 @@ class Supervisor:
         self.started = False  # a rank printed STARTED: the rendezvous is complete
         self.quiet = threading.Event()  # set once we stop the run: shutdown noise goes to the logs only
         self.changed = threading.Event()
-        self.print_lock = threading.Lock()
         self.colour = sys.stdout.isatty()
         # Slurm's node names are known once the job runs (_adopt widens the column then).
         self.width = 0 if plan.backend == "slurm" else max(len(n.name) for n in plan.nodes)
@@ -80,9 +102,16 @@ class Supervisor:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
+        with self.view:
+            code = self._run()
+        self._finish(code)
+        return code
+
+    def _run(self) -> int:
         with Stop() as stop:
             self._adopt()
             self._write_record()
+            self._save_entry("pending" if self.job.waiting() else "running")
             failed: _Node | None = None
             hang: str | None = None
             while not stop.event.is_set():
@@ -99,6 +128,7 @@ class Supervisor:
                 self.changed.wait(TICK_S)
                 self.changed.clear()
                 self._check_silence()
+                self._save_entry("pending" if self.job.waiting() else "running", every=PROGRESS_EVERY_S)
                 hang = self.beats.check()
                 if hang is not None:
                     break
@@ -114,12 +144,88 @@ class Supervisor:
             self._close_logs()
             if code != 0:
                 say(f"run {self.plan.run_id} failed: {why or f'exit code {code}'}; logs: {self.logs}/")
-                self.verdict = Verdict(code)
+                self.verdict = Verdict(code, cause=why or f"exit code {code}")
                 return code
             for problem in self.job.stop(grace_s=3.0):  # after a clean end: anything left is ended, and said
                 say(problem)
             say(f"run {self.plan.run_id} finished on all {len(self.plan.nodes)} node(s); outputs in {self.out}/")
             return 0
+
+    # ------------------------------------------------------------------ the registry, the end
+    def _node_states(self) -> dict[str, dict[str, Any]]:
+        states = {}
+        for name in self.nodes:
+            if name == "batch":  # Slurm's batch shell: not a node
+                continue
+            o = self.outcomes.get(name)
+            if o is None:
+                states[name] = {"state": "running"}
+            elif o.lost:
+                states[name] = {"state": "lost", "why": o.lost}
+            else:
+                states[name] = {"state": "exited" if o.code == 0 else "failed", "exit_code": o.code}
+        return states
+
+    def _save_entry(self, state: str, every: float = 0.0) -> None:
+        """The run's registry entry now: at once on a change of state, else at most every `every` s."""
+        entry = self.entry
+        if entry is None:
+            return
+        now = time.monotonic()
+        if state == entry.state and now - self._entry_saved < every:
+            return
+        self._entry_saved = now
+        entry.state = state
+        entry.nodes = [n for n in self.nodes if n != "batch"] or entry.nodes
+        entry.node_states = self._node_states()
+        entry.progress = self.view.progress.snapshot()
+        rec = self.job.record()
+        if "slurm" in rec:
+            entry.slurm = {**entry.slurm, **rec["slurm"], "state": getattr(self.job, "state", None)}
+        try:
+            entry.save()
+        except OSError as e:  # the registry is a convenience: it must never stop a run
+            say(f"could not update the run registry ({e}); the run goes on")
+
+    def _finish(self, code: int) -> None:
+        """After the run (or this attempt of it): the registry entry; at the very end also the
+        summary and `<output_dir>/loss.png`."""
+        final = not (self.verdict.retry and self.restarts_left > 0) or code == 0
+        lines: list[str] = []
+        if final:
+            lines = self._summary(say_it=code == 0)
+        if self.entry is not None:
+            self.entry.exit_code, self.entry.cause = code, self.verdict.cause or None
+            if lines:
+                self.entry.summary = lines
+            self._save_entry(self.verdict.final_state if final else "restarting")
+            if final:
+                self.entry.ended = time.time()
+                self.entry.save()
+
+    def _summary(self, say_it: bool) -> list[str]:
+        """How the run went, said (`say_it`: after a failure its one line stays the last one; the
+        summary is in the registry then, `mlaunch status RUN`), and its loss curve drawn."""
+        try:
+            from launcher.plot import load_records, plot_loss
+            from launcher.summary import summary_lines
+
+            records = load_records(self.out)
+            if self.cfg.train is None and not records and self.view.progress.end is None:
+                return []  # a script of the user's own: it reports in its own way
+            lines = summary_lines(self.view.progress.end, records, output_dir=self.out)
+        except Exception as e:  # a report must not turn a finished run into a failed one
+            say(f"no summary: the run's metrics could not be read ({type(e).__name__}: {e})")
+            return []
+        if any("loss" in r for r in records):
+            try:
+                png = plot_loss(records, self.out / "loss.png", title=self.plan.job)
+                lines.append(f"loss curve: {png}")
+            except Exception as e:
+                lines.append(f"no loss curve ({type(e).__name__}: {e})")
+        for line in lines if say_it else ():
+            say(line)
+        return lines
 
     def _stopped(self, stop: Stop) -> int:
         say(f"stopping run {self.plan.run_id} on every node (signal {stop.signum}); grace {self.cfg.launch.grace_period_s:g}s")
@@ -128,7 +234,7 @@ class Supervisor:
             say(problem)
         self._close_logs()
         say(f"stopped run {self.plan.run_id}: {self.job.stopped_note()}; shutdown output is in {self.logs}/")
-        self.verdict = Verdict(stop.exit_code)
+        self.verdict = Verdict(stop.exit_code, cause=f"stopped by signal {stop.signum}", state="stopped")
         return stop.exit_code
 
     def _failed(self, node: _Node) -> int:
@@ -151,12 +257,14 @@ class Supervisor:
             tail = "\n".join(f"    {line}" for line in node.tail)
             say(f"last lines of {node.worker.name}:\n{tail}")
         code = outcome.code if (outcome.code not in (None, 0, -1) and not outcome.lost) else 255
+        if code == 1:  # torchrun's own code for "a worker failed": the worker's is the one to return
+            code = rank_exit_code(node.tail) or code
         where = f"on node {node.worker.name} " if others or self.plan.backend != "local" else ""
         say(f"run failed {where}({why}){f': {cause}' if cause else ''}; logs: {self.logs}/")
         # A rank's own user error (bad config, diverged loss) would fail again: not retried. On
         # Slurm the batch script has requeued the job already as long as restarts were left.
         self.verdict = Verdict(code, retry=cause is None and self.plan.backend != "slurm",
-                               cause=f"node {node.worker.name} {why}")
+                               cause=f"node {node.worker.name} {why}" + (f": {cause}" if cause else ""))
         return code
 
     def _hung(self, why: str) -> int:
@@ -177,7 +285,7 @@ class Supervisor:
         self._close_logs()
         say(f"run failed: hung ({why.split(' (')[0]}); logs: {self.logs}/")
         # On Slurm too: the job was cancelled, a restart submits it again.
-        self.verdict = Verdict(EXIT_HUNG, retry=True, cause=f"hung: {why.split(' (')[0]}")
+        self.verdict = Verdict(EXIT_HUNG, retry=True, cause=f"hung: {why.split(' (')[0]}", state="hung")
         return EXIT_HUNG
 
     def _first_failure(self) -> _Node | None:
@@ -223,12 +331,14 @@ class Supervisor:
                     node.log.flush()
                 if is_marker(line):  # for us, not for the terminal or the failure report's tail
                     self.started = self.started or line.startswith(STARTED)
+                    if line.startswith(EVENT):
+                        event = parse_event(line)
+                        if event is not None:
+                            self.view.event(event)
                     continue
                 node.tail.append(line)
-                if not self.quiet.is_set():
-                    with self.print_lock:
-                        sys.stdout.write(node.prefix + line + "\n")
-                        sys.stdout.flush()
+                if self.echo and not self.quiet.is_set():
+                    self.view.line(node.prefix + line)
             outcome = node.worker.outcome()
         except Exception as e:  # the transport died under us
             outcome = NodeOutcome(lost=f"lost its connection ({type(e).__name__})")
@@ -333,6 +443,18 @@ class _Beats:
             if silent and now - self.progress_at < timeout:
                 return f"a rank stopped reporting for {timeout:g} s ({limit}); {_describe(who, now)} {what}"
             return f"no step completed for {now - self.progress_at:.0f} s ({limit}); {_describe(who, now)} {what}"
+
+
+_ROOT_EXIT = re.compile(r"exitcode\s*:\s*(\d+)")
+
+
+def rank_exit_code(lines: Any) -> int | None:
+    """The failed worker's own exit code from torchrun's report ("Root Cause … exitcode : 7"), so a
+    script's `sys.exit(7)` is mlaunch's exit 7, not torchrun's 1. None when not reported."""
+    text = "\n".join(lines)
+    at = text.rfind("Root Cause")
+    m = _ROOT_EXIT.search(text, at if at >= 0 else 0)
+    return int(m.group(1)) if m and int(m.group(1)) > 0 else None
 
 
 def _describe(ranks: dict[int, tuple[str, int, str, float]], now: float) -> str:

@@ -40,8 +40,26 @@ def tier_of(path: Path) -> str | None:
     return parts[0]
 
 
+def pytest_itemcollected(item: pytest.Item) -> None:
+    # One Slurm cluster per session: under pytest-xdist (`--dist loadgroup`) one worker runs them
+    # all. Marked as each item is collected, before xdist names the groups in its modifyitems.
+    if tier_of(item.path) == "slurm":
+        item.add_marker(pytest.mark.xdist_group("slurm"))
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by these marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        for mark in TIER_MARKS.get(tier_of(item.path), ()):
+        tier = tier_of(item.path)
+        for mark in TIER_MARKS.get(tier, ()):
             item.add_marker(mark)
+
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _own_run_registry(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Every run a test starts registers itself (launcher/registry.py): in a registry of the test
+    session's own, never the user's ~/.mlaunch. Subprocesses inherit it through the environment."""
+    import os
+
+    os.environ["MLAUNCH_HOME"] = str(tmp_path_factory.mktemp("mlaunch-home"))

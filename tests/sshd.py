@@ -275,7 +275,9 @@ class SSHCluster:
         self.empty_ssh_config = str(root / "empty_ssh_config")
         self._shared: list[SSHNode] = []
         self._all: list[SSHNode] = []
-        self._next_ip = 2
+        # Under pytest-xdist each worker has its own sshd nodes: its own loopback addresses too.
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+        self._next_ip = 2 + 60 * int(worker[2:] or 0) if worker.startswith("gw") else 2
         _keygen(Path(self.identity_file), "mlaunch-tests")
         Path(self.authorized_keys).write_text(Path(self.identity_file + ".pub").read_text())
         Path(self.known_hosts).write_text("")

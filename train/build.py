@@ -96,7 +96,15 @@ def build_model(cfg: TrainConfig, vocab_size: int, model_dir: Path | None, devic
                     model = BaichuanForCausalLM(mcfg)
                 model.to_empty(device=device)
             else:
-                model = build_empty_model(mcfg, dtype=torch.float32, device=device)
+                # LoRA: the frozen base is read straight into its storage dtype (13B in bf16: 26 GB,
+                # not 52); QLoRA reads it on the host and quantises it on the way to the GPU.
+                dtype, where = torch.float32, device
+                if cfg.lora is not None:
+                    from train.lora import frozen_dtype_for
+
+                    dtype = frozen_dtype_for(device, cfg.parallel.mixed_precision)
+                    where = torch.device("cpu") if cfg.lora.quantize == "4bit" else device
+                model = build_empty_model(mcfg, dtype=dtype, device=where)
                 load_weights_into(model, model_dir)
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"train.model.name_or_path: {e}") from None
@@ -109,7 +117,29 @@ def build_model(cfg: TrainConfig, vocab_size: int, model_dir: Path | None, devic
             "use the model's own tokenizer.model (train.tokenizer.path) or a larger model.init.vocab_size"
         )
     set_activation_checkpointing(model, m.activation_checkpointing)
+    if cfg.lora is not None:
+        _add_adapters(model, cfg, device, layout, complete=not meta)
     return model, mcfg, pending
+
+
+def _add_adapters(model: BaichuanForCausalLM, cfg: TrainConfig, device: torch.device, layout: Layout | None,
+                  complete: bool) -> None:
+    """`train.lora`: peft's adapters on the frozen base, before the strategy wraps the model. A
+    complete model gets its adapters' values now; a meta-built one in `fill_weights`."""
+    from train import lora
+
+    strategy = layout.strategy if layout is not None else "ddp"
+    if strategy == "pipeline":
+        raise ConfigError("train.lora works with ddp and fsdp/hsdp, not pipeline: the adapters are small, "
+                          "and the frozen base shards with fsdp; set train.parallel.strategy")
+    if cfg.lora.quantize == "4bit" and not complete:
+        raise ConfigError("train.lora.quantize: 4bit runs with ddp (each GPU holds the whole 4-bit base, a "
+                          "quarter of bf16); set train.parallel.strategy: ddp")
+    lora.apply_lora(model, cfg.lora, device, lora.frozen_dtype_for(device, cfg.parallel.mixed_precision))
+    if cfg.lora.quantize == "4bit":
+        model.to(device)  # what stayed on the host: embedding, norms, head, the adapters
+    if complete:
+        lora.init_adapters(model, cfg.seed)
 
 
 def init_pieces(mcfg: BaichuanConfig, seed: int, std: float,
@@ -158,15 +188,25 @@ def fill_weights(par: Parallelized, pending: PendingWeights, mcfg: BaichuanConfi
       its part: no communication, and the same draws each rank made before (the full model)."""
     from train.models.baichuan.hub import copy_full_, load_weights_distributed
 
+    from train import lora
+
     module = par.state_dict_module()  # the state-dict view: published names, this rank's parameters
+    adapters = lora.adapter_names(module)
+    # LoRA: the base under its published names (peft renamed the targets' weights `base_layer`);
+    # the adapters get their seeded values after it. Every rank reads the checkpoint itself: the
+    # broadcasting loader needs the module's own names.
+    view = lora.PublishedNames(module) if adapters else module
     if pending.checkpoint is not None:
         try:
-            load_weights_distributed(module, pending.checkpoint, broadcast_from_rank0=layout.strategy != "pipeline",
+            load_weights_distributed(view, pending.checkpoint,
+                                     broadcast_from_rank0=layout.strategy != "pipeline" and not adapters,
                                      allow_unexpected=layout.strategy == "pipeline")
         except ValueError as e:
             raise ConfigError(f"train.model.name_or_path: {e}") from None
+        if adapters:
+            lora.init_adapters(module, pending.seed)
         return
-    targets = module.state_dict(keep_vars=True)
+    targets = view.state_dict(keep_vars=True)
     filled = set()
     for piece in init_pieces(mcfg, pending.seed, pending.init_std, keep=targets):
         for name, tensor in piece.items():
@@ -174,6 +214,8 @@ def fill_weights(par: Parallelized, pending: PendingWeights, mcfg: BaichuanConfi
                 copy_full_(targets[name], tensor)
                 filled.add(name)
     assert filled == set(targets), set(targets) - filled
+    if adapters:
+        lora.init_adapters(module, pending.seed)
 
 
 def params_held_per_rank(par: Parallelized) -> list[int]:
@@ -196,4 +238,6 @@ def describe_weights(cfg: TrainConfig, layout: Layout, pending: PendingWeights |
         return f"{source}, built on the meta device, each rank initialised only its part"
     if layout.strategy == "pipeline":
         return f"{source}, each rank read only its stages' tensors"
+    if cfg.lora is not None:
+        return f"{source}, read by every rank into its shards of the frozen base"
     return f"{source}, read by rank 0 one file at a time and broadcast into the shards"

@@ -140,7 +140,7 @@ def save(ckpt_dir: Path, step: int, par, optimizer: torch.optim.Optimizer, train
         shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crash at this very step
         tmp.mkdir(parents=True)
     D.barrier()
-    state = {"model": par.model_state_dict(), "optim": par.optim_state_dict(optimizer)}
+    state = {"model": _trained_state(par), "optim": par.optim_state_dict(optimizer)}
     with _single_process_ok():
         dcp.save(state, checkpoint_id=str(tmp), no_dist=not D.is_initialized())
     rank = D.get_rank()
@@ -181,13 +181,34 @@ def _prune(ckpt_dir: Path, keep: int) -> None:
         _remove(path)
 
 
+def _frozen_names(par) -> set[str]:
+    return {name for name, p in par.named_parameters() if not p.requires_grad}
+
+
+def _trained_state(par) -> dict[str, Any]:
+    """The model state a checkpoint holds: what trains. With LoRA only the adapters (the frozen
+    base is rebuilt from its source on resume): a 13B checkpoint of megabytes, not 26 GB."""
+    state = par.model_state_dict()
+    if not _frozen_names(par):
+        return state
+    # Kept by name: QLoRA's 4-bit layers add quantisation constants to the state dict as well.
+    trained = {name for name, p in par.named_parameters() if p.requires_grad}
+    return {k: v for k, v in state.items() if k in trained}
+
+
 def load(path: Path, par, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore model, optimizer and this rank's RNG from `path`; return the trainer state.
     Collective. Must run after the optimizer and scheduler exist, and before the first step."""
-    state = {"model": par.model_state_dict(), "optim": par.optim_state_dict(optimizer)}
+    state = {"model": _trained_state(par), "optim": par.optim_state_dict(optimizer)}
     with _single_process_ok():
         dcp.load(state, checkpoint_id=str(path), no_dist=not D.is_initialized())
-    par.load_model_state_dict(state["model"])
+    if _frozen_names(par):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        # Only what trains was saved; the frozen base is already in place (built from its source).
+        set_model_state_dict(par.state_dict_module(), state["model"], options=StateDictOptions(strict=False))
+    else:
+        par.load_model_state_dict(state["model"])
     par.load_optim_state_dict(optimizer, state["optim"])
     rng_file = path / f"rng_rank{D.get_rank()}.pt"
     if rng_file.is_file():

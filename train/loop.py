@@ -22,15 +22,16 @@ from typing import Any
 import torch
 
 from job.config import JobConfig, TrainConfig, to_yaml
-from job.errors import MlaunchError
+from job.errors import ConfigError, MlaunchError
 from job.files import publish_file
 from train import checkpoint as ckpt
 from train import heartbeat as hb
 from train.heartbeat import Heartbeat
 from train import distributed as D
 from train.distributed import DistEnv, StopFlag
+from train.compile import compile_blocks
 from train.build import build_model, describe_weights, fill_weights, model_dir_of, params_held_per_rank
-from train.metrics import MetricsLogger, gpu_peak_flops
+from train.metrics import MetricsLogger, gpu_peak_flops, missing_reporter, quiet_libraries, under_mlaunch
 from job.layout import Layout
 from train.models.baichuan.parallelize import BAICHUAN
 from train.parallel.base import Parallelized, parallelize, target_tokens
@@ -44,6 +45,7 @@ def train(job: JobConfig, env: DistEnv, layout: Layout, device: torch.device, st
     """Run one training job on this rank; returns the exit code. Collective on every rank.
     `beat` (train/heartbeat.py) is told each phase, for the launcher's hang detection."""
     at = beat.at if beat is not None else (lambda phase, step=None: None)
+    t_begin = time.perf_counter()
     from train.data import make_batch_sampler, prepare_data  # heavy (datasets)
     from train.tokenizer import BaichuanTokenizer, ensure_tokenizer
 
@@ -56,6 +58,13 @@ def train(job: JobConfig, env: DistEnv, layout: Layout, device: torch.device, st
         if not (out_dir / "config.yaml").exists():  # `mlaunch run` writes it; a resume keeps the first
             publish_file(out_dir / "config.yaml", to_yaml(job))
         removed = ckpt.clean_incomplete(ckpt_dir)
+    # Before any work, on every rank at once: a reporter's package missing on rank 0 is one line
+    # now, not a traceback after the data and the model are ready.
+    missing = D.broadcast_object(missing_reporter(cfg.report_to) if env.is_rank0 else None)
+    if missing:
+        raise ConfigError(missing)
+    if under_mlaunch():
+        quiet_libraries()
     D.barrier()
     ckpt.check_shared(ckpt_dir, env.is_rank0)
 
@@ -68,13 +77,17 @@ def train(job: JobConfig, env: DistEnv, layout: Layout, device: torch.device, st
     tokenizer = BaichuanTokenizer(tokenizer_file)
     data = prepare_data(cfg, tokenizer, out_dir / "cache", **barrier_kw)
     model, mcfg, pending = build_model(cfg, tokenizer.vocab_size, model_dir, device, layout)
+    # After activation checkpointing (build_model), before the strategy wraps the layers.
+    compiled = compile_blocks(model.model.layers.values(), device) if cfg.compile == "blocks" else None
     par = parallelize(model, layout=layout, mesh=mesh, cfg=cfg, device=device, z_loss_weight=mcfg.z_loss_weight,
                       arch=BAICHUAN)
     # Known before the weights are filled: a resume overwrites every parameter from its checkpoint,
     # so a meta-built model skips reading the pretrained folder (tens of GB for 13B) altogether.
     resume_from = ckpt.find_resume(ckpt_dir, cfg.checkpoint.resume)
-    if pending is not None and resume_from is None:  # built on the meta device: the strategy
-        fill_weights(par, pending, mcfg, layout)          # allocated only this rank's part
+    # built on the meta device: the strategy allocated only this rank's part. A LoRA checkpoint
+    # holds only the adapters: the frozen base is filled from its source on resume too.
+    if pending is not None and (resume_from is None or cfg.lora is not None):
+        fill_weights(par, pending, mcfg, layout)
     held = params_held_per_rank(par)  # proof of the above in the log: ~1/world each under fsdp
     optimizer = build_optimizer(par, cfg, device)
 
@@ -87,15 +100,21 @@ def train(job: JobConfig, env: DistEnv, layout: Layout, device: torch.device, st
 
     # ---------------------------------------------------------------- resume
     step, elapsed_before = 0, 0.0
+    tokens, train_s = 0, 0.0  # real tokens trained on, and the time in steps: across resumes too
     if resume_from is not None:
         state = ckpt.load(resume_from, par, optimizer)
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         step, elapsed_before = state["step"], state["elapsed_s"]
+        tokens, train_s = state.get("tokens", 0), state.get("train_s", 0.0)  # absent before they were kept
         par.settle_after_resume()
 
     log = MetricsLogger(out_dir, enabled=env.is_rank0, total_steps=total_steps, start_step=step,
-                        tensorboard=cfg.tensorboard)
+                        report_to=cfg.report_to, run_name=job.name, config=job.model_dump(mode="json"))
+    failed = D.broadcast_object(log.error)  # W&B refused to start on rank 0: every rank stops here
+    if failed:
+        log.close()
+        raise ConfigError(failed)
     if env.is_rank0:
         for p in removed:
             log.message(f"removed half-written checkpoint {p}")
@@ -110,9 +129,31 @@ def train(job: JobConfig, env: DistEnv, layout: Layout, device: torch.device, st
         + (f"; resumed from {resume_from} at step {step}" if resume_from else "")
     )
     weights = (f"from checkpoint {resume_from.name} (built on the meta device; nothing else read)"
-               if pending is not None and resume_from is not None else describe_weights(cfg, layout, pending))
+               if pending is not None and resume_from is not None and cfg.lora is None
+               else describe_weights(cfg, layout, pending))
+    if cfg.lora is not None:
+        from train.lora import trainable_summary
+
+        log.message(trainable_summary(par.state_dict_module(), mcfg, cfg.lora))
+    if compiled is not None:
+        log.message(compiled)
     log.message(f"weights: {weights}; parameters held per rank right after building: "
                 f"min {min(held)} max {max(held)} of {mcfg.num_params} ({max(held) / mcfg.num_params:.1%})")
+    # The launcher's events (rank 0, under mlaunch): what the run is about to do, and how it ended.
+    log.start(start_step=step, epochs=math.ceil(total_steps / max(steps_per_epoch, 1)),
+              steps_per_epoch=steps_per_epoch, world_size=layout.world_size, strategy=layout.strategy,
+              device=device.type, model=cfg.model.name_or_path or f"init ({cfg.model.variant})",
+              params=mcfg.num_params, lora=cfg.lora is not None, train_examples=len(data.train),
+              eval_examples=n_eval, tokens_per_epoch=data.stats.train_tokens,
+              tokens_per_step=round(data.stats.train_tokens / max(steps_per_epoch, 1)),
+              resumed_from=str(resume_from) if resume_from else None)
+    export: Path | None = None  # set by the export at the end
+
+    def end(outcome: str) -> None:
+        if env.is_rank0:
+            log.end(outcome=outcome, steps=step, tokens=tokens, wall_s=time.perf_counter() - t_begin,
+                    train_s=train_s, export=export,
+                    checkpoints=ckpt_dir if ckpt.complete_checkpoints(ckpt_dir) else None)
 
     # ---------------------------------------------------------------- the loop
     collate_kw = {"pad_to": cfg.data.max_length if cfg.data.batching == "pad_to_max" else None,
@@ -129,7 +170,7 @@ def train(job: JobConfig, env: DistEnv, layout: Layout, device: torch.device, st
         nonlocal saved_step
         at(hb.CHECKPOINT)
         trainer_state = {"step": step, "scheduler": scheduler.state_dict(), "sampler": position or sampler.state_dict(),
-                         "elapsed_s": time.perf_counter() - t_start}
+                         "elapsed_s": time.perf_counter() - t_start, "tokens": tokens, "train_s": train_s}
         path = ckpt.save(ckpt_dir, step, par, optimizer, trainer_state, cfg.checkpoint.keep)
         saved_step = step
         log.message(f"saved checkpoint {path}")
@@ -159,6 +200,7 @@ def train(job: JobConfig, env: DistEnv, layout: Layout, device: torch.device, st
                 stop.acknowledge_save(step)
             log.message(f"checkpointed at step {step} on request (scheduler warning); stopping: the job "
                         "requeues and resumes from here")
+            end("requeued")
             log.close()
             return 0
         # Ranks of one replica (pipeline stages) counted the same batch: once per replica.
@@ -185,12 +227,14 @@ def train(job: JobConfig, env: DistEnv, layout: Layout, device: torch.device, st
         optimizer.zero_grad(set_to_none=True)
         step += 1
         window.add(n_real, n_padded, n_seqs)
+        tokens += n_real
         log.advance()
 
         last = step == total_steps
         if step % cfg.log_every == 0 or last:
             total_loss = D.all_reduce_sum(loss_sum.detach().double().cpu().reshape(1))
             elapsed, real, padded, seqs = window.take()
+            train_s += elapsed
             record = {
                 "step": step,
                 "epoch": round(sampler.epoch + sampler.next_batch / micro_per_epoch, 4),
@@ -201,6 +245,7 @@ def train(job: JobConfig, env: DistEnv, layout: Layout, device: torch.device, st
                 "real_token_fraction": real / max(padded, 1),
                 "grad_norm": grad_norm,
                 "elapsed_s": round(time.perf_counter() - t_start, 3),
+                "tokens": tokens,
             }
             if peak:
                 per_token = mcfg.flops_per_token(max(1, round(padded / max(seqs, 1))))
@@ -217,9 +262,20 @@ def train(job: JobConfig, env: DistEnv, layout: Layout, device: torch.device, st
 
     if stopped:
         log.message(f"stopped by signal at step {step}; resume continues from the last complete checkpoint")
+        end("stopped")
         log.close()
         return stop.exit_code
-    if cfg.checkpoint.export:
+    if cfg.checkpoint.export and cfg.lora is not None:
+        at(hb.EXPORT, step)
+        state = par.full_state_dict_for_export()
+        if env.is_rank0:
+            from train.lora import export_lora
+
+            path = export_lora(state, mcfg, cfg, out_dir / "export", dtype=getattr(torch, cfg.checkpoint.export_dtype),
+                               tokenizer_file=tokenizer_file, model_dir=model_dir, train_config_yaml=to_yaml(job))
+            log.message(f"exported the LoRA adapter to {path}")
+            export = path
+    elif cfg.checkpoint.export:
         at(hb.EXPORT, step)
         state = par.full_state_dict_for_export()
         if env.is_rank0:
@@ -227,8 +283,11 @@ def train(job: JobConfig, env: DistEnv, layout: Layout, device: torch.device, st
 
             dtype = getattr(torch, cfg.checkpoint.export_dtype)
             state = {k: v.to(dtype) for k, v in state.items()}
-            path = save_state_dict(state, mcfg, out_dir / "export", tokenizer_file=tokenizer_file)
+            path = save_state_dict(state, mcfg, out_dir / "export", tokenizer_file=tokenizer_file,
+                                   export_format=cfg.checkpoint.export_format)
             log.message(f"exported {path}")
+            export = path
+    end("completed")
     log.close()
     return 0
 

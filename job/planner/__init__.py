@@ -26,6 +26,8 @@ The CLI's table (`format_decision`, `render_table`) lives in launcher/render.py.
 from job.planner.explain import decision_to_dict, leanest
 from job.planner.inputs import (
     FAMILIES,
+    NF4_BYTES,
+    Adapters,
     GB,
     GPU_DEFAULTS,
     RECOMPUTE,
@@ -43,6 +45,7 @@ from job.planner.memory import (
     fsdp_unit_params,
     layer_activation_bytes,
     logits_bytes,
+    lora_state_bytes,
     split_layers,
     state_bytes_per_rank,
 )
@@ -56,10 +59,10 @@ from job.planner.timing import (
 
 __all__ = [
     # inputs
-    "GpuType", "GPU_DEFAULTS", "ClusterSpec", "Workload",
+    "GpuType", "GPU_DEFAULTS", "ClusterSpec", "Workload", "Adapters", "NF4_BYTES",
     "STRATEGIES", "FAMILIES", "RECOMPUTE", "TIE_MARGIN", "GiB", "GB", "gib",
     # memory
-    "split_layers", "fsdp_unit_params", "state_bytes_per_rank", "layer_activation_bytes", "checkpointed_layers",
+    "split_layers", "fsdp_unit_params", "state_bytes_per_rank", "lora_state_bytes", "layer_activation_bytes", "checkpointed_layers",
     "activation_bytes", "logits_bytes",
     # timing
     "NON_OVERLAPPED", "bubble_fraction", "collective_seconds",

@@ -158,6 +158,21 @@ class ClusterSpec:
 # --------------------------------------------------------------------------------------
 # The batch
 # --------------------------------------------------------------------------------------
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+"""Bytes per weight of a QLoRA layer (bitsandbytes NF4, blocks of 64, double quantisation):
+4 bits, an 8-bit absmax per block, an fp32 constant per 256 blocks."""
+
+
+@dataclass(frozen=True)
+class Adapters:
+    """`train.lora`: LoRA of rank `r` on `target_modules` (job.baichuan's linear names) over a
+    frozen base; `quantize: 4bit` stores the decoder layers' linears in NF4 (QLoRA)."""
+
+    r: int
+    target_modules: tuple[str, ...] = ("W_pack", "o_proj", "gate_proj", "up_proj", "down_proj")
+    quantize: str = "none"
+
+
 @dataclass(frozen=True)
 class Workload:
     """One optimizer step: every rank (every pipeline, for pipeline layouts) sees `micro_batch`
@@ -172,8 +187,12 @@ class Workload:
     mixed_precision: bool = True  # bf16 compute with fp32 master weights; False = pure fp32 (CPU)
     pp_microbatches: int | None = None
     pp_schedule: str = "1f1b"  # or "gpipe"
+    lora: Adapters | None = None  # None = full fine-tuning
+    loss_chunk_tokens: int = 0  # `train.loss_chunk_tokens`: the loss chunk by chunk; 0 = full logits
 
     def __post_init__(self) -> None:
+        if self.loss_chunk_tokens < 0:
+            raise ValueError(f"Workload.loss_chunk_tokens must be ≥ 0, got {self.loss_chunk_tokens}")
         for name in ("seq_len", "micro_batch", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Workload.{name} must be ≥ 1, got {getattr(self, name)}")

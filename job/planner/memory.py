@@ -9,6 +9,7 @@ from functools import lru_cache
 
 from job.baichuan import BaichuanConfig
 from job.layout import Layout
+from job.planner.inputs import NF4_BYTES, Adapters
 
 
 # --------------------------------------------------------------------------------------
@@ -75,13 +76,31 @@ def fsdp_unit_params(model: BaichuanConfig) -> list[int]:
     return [model.embed_params] + [model.layer_params] * model.num_hidden_layers + [model.head_params]
 
 
+def lora_state_bytes(model: BaichuanConfig, lora: Adapters, shard: int, frozen_bytes: float) -> dict[str, int]:
+    """Model state of a LoRA rank: the frozen base at its storage size (`frozen_bytes` per
+    element: bf16 2 on GPU, fp32 4 on CPU; QLoRA's decoder linears NF4), and fp32 adapters with
+    their gradients and AdamW moments (4 + 4 + 8). FSDP shards both on dim 0, padded."""
+    adapter = sharded_elems(model.lora_shapes(lora.r, lora.target_modules), shard)
+    base = sharded_elems(model.param_shapes(), shard)
+    params = frozen_bytes * base
+    if lora.quantize == "4bit":
+        linear = -(-model.linear_params() // shard)
+        params -= (frozen_bytes - NF4_BYTES) * linear
+    return {"params": int(params) + 4 * adapter, "grads": 4 * adapter, "optimizer": 8 * adapter}
+
+
 def state_bytes_per_rank(model: BaichuanConfig, layout: Layout, rank_stage: int | None = None,
-                         param_bytes: int = 4, grad_bytes: int = 4, optim_bytes: int = 8) -> int:
+                         param_bytes: int = 4, grad_bytes: int = 4, optim_bytes: int = 8,
+                         lora: Adapters | None = None) -> int:
     """Parameters + gradients + optimizer state held by one rank (defaults: fp32 AdamW, as on
     CPU). FSDP/HSDP shard every tensor over `layout.dp_shard` with dim-0 padding; a pipeline rank
-    holds its stage (`rank_stage`; None = the heaviest stage), sharded for pipeline+fsdp."""
+    holds its stage (`rank_stage`; None = the heaviest stage), sharded for pipeline+fsdp. With
+    `lora` the base is frozen at `param_bytes` and only the adapters train (`lora_state_bytes`)."""
     per_elem = param_bytes + grad_bytes + optim_bytes
     shard, pp = layout.dp_shard, layout.pp
+    if lora is not None:
+        assert pp == 1, "LoRA runs under ddp and fsdp/hsdp"
+        return sum(lora_state_bytes(model, lora, shard, param_bytes).values())
     if pp == 1:
         return per_elem * sharded_elems(model.param_shapes(), shard)
     stages = range(pp) if rank_stage is None else [rank_stage]
@@ -129,8 +148,25 @@ def activation_bytes(model: BaichuanConfig, layers: range, recompute: str, micro
     return in_flight * (kept + mask) + (full_layer if n_ckpt else 0)
 
 
-def logits_bytes(model: BaichuanConfig, micro_batch: int, seq_len: int, act_bytes: int = 2) -> int:
-    """Peak of the loss over s·b·V: the logits (e bytes), their fp32 copy's log-softmax kept for
-    backward (4), and the fp32 gradients in and out of log-softmax during backward (4 + 4)."""
-    return micro_batch * seq_len * model.vocab_size * (act_bytes + 12)
+def logits_bytes(model: BaichuanConfig, micro_batch: int, seq_len: int, act_bytes: int = 2,
+                 chunk_tokens: int = 0) -> int:
+    """Peak of the loss over s·b tokens and V words.
+
+    From full logits (`chunk_tokens` 0): the logits (e bytes), their fp32 copy's log-softmax kept
+    for backward (4), and the fp32 gradients in and out of log-softmax during backward (4 + 4):
+    s·b·V·(e + 12).
+
+    Chunked (`train.loss.linear_cross_entropy`): one chunk of c = min(chunk_tokens, s·b) tokens'
+    logits at a time, in fp32 (4) plus, below fp32, their compute-dtype copy while it is cast (e):
+    c·V·(4 + e), or c·V·4 in fp32; the hidden states' gradient, kept from the loss's forward to its
+    backward (s·b·h·e); below fp32 also the head's compute-dtype copy and one chunk's partial head
+    gradient (2·e·V·h). The fp32 accumulator of the head's gradient is that gradient itself
+    (handed to autograd), counted with the other gradients."""
+    tokens, vocab, h = micro_batch * seq_len, model.vocab_size, model.hidden_size
+    if not chunk_tokens:
+        return tokens * vocab * (act_bytes + 12)
+    chunk = min(chunk_tokens, tokens)
+    if act_bytes == 4:
+        return chunk * vocab * 4 + tokens * h * 4
+    return chunk * vocab * (4 + act_bytes) + tokens * h * act_bytes + 2 * act_bytes * vocab * h
 

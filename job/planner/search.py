@@ -13,8 +13,8 @@ from job.planner.explain import choice_reason, leanest, with_verdicts
 from job.baichuan import BaichuanConfig
 from job.layout import Layout
 from job.planner.inputs import COMPLEXITY, FAMILIES, RECOMPUTE, STRATEGIES, TIE_MARGIN, ClusterSpec, Workload, gib
-from job.planner.memory import (activation_bytes, fsdp_unit_params, logits_bytes, sharded_elems, split_layers,
-                                stage_shapes)
+from job.planner.memory import (activation_bytes, fsdp_unit_params, logits_bytes, lora_state_bytes, sharded_elems,
+                                split_layers, stage_shapes)
 from job.planner.timing import GroupSet, exposed_seconds, group_seconds, group_set, stage_flops_per_token
 
 
@@ -114,11 +114,17 @@ def _layouts(model: BaichuanConfig, cluster: ClusterSpec, work: Workload,
              notes: list[str]) -> list[_Option]:
     world, g = cluster.world_size, cluster.gpus_per_node
     out = [_Option(Layout(dp_replicate=world))]
+    if work.lora is not None:
+        # What train.lora runs: ddp and fsdp/hsdp (QLoRA: ddp, each GPU holding the 4-bit base).
+        if work.lora.quantize == "4bit":
+            notes.append("QLoRA (4-bit base): ddp only")
+            return out
+        notes.append("LoRA: no pipeline layouts (the adapters are small; fsdp shards the frozen base)")
     if world > 1:
         out.append(_Option(Layout(dp_shard=world)))
     if cluster.nnodes > 1 and g > 1:
         out.append(_Option(Layout(dp_replicate=cluster.nnodes, dp_shard=g)))
-    for pp in _divisors(world):
+    for pp in _divisors(world) if work.lora is None else ():
         if not 2 <= pp <= model.num_hidden_layers:
             continue
         dp = world // pp
@@ -154,11 +160,14 @@ def _memory(model: BaichuanConfig, cluster: ClusterSpec, work: Workload, lay: _O
 
     best: tuple[dict[str, int], int | None] | None = None
     for index, (shapes, layers, last, in_flight) in enumerate(stages):
-        elems = sharded_elems(shapes, lay.shard)
-        mem = {"params": wb * elems, "grads": gb * elems, "optimizer": ob * elems}
-        mem["unsharded"] = _unsharded_bytes(model, lay, shapes, e)
+        if work.lora is None:
+            elems = sharded_elems(shapes, lay.shard)
+            mem = {"params": wb * elems, "grads": gb * elems, "optimizer": ob * elems}
+        else:  # the frozen base stored in the compute dtype (no master copy), fp32 adapters
+            mem = lora_state_bytes(model, work.lora, lay.shard, frozen_bytes=e)
+        mem["unsharded"] = _unsharded_bytes(model, lay, shapes, e, lora=work.lora is not None)
         mem["activations"] = activation_bytes(model, layers, recompute, micro, work.seq_len, e, in_flight)
-        mem["logits"] = _logit_sets(lay, work, last) * logits_bytes(model, micro, work.seq_len, e)
+        mem["logits"] = _logit_sets(lay, work, last) * logits_bytes(model, micro, work.seq_len, e, work.loss_chunk_tokens)
         mem["overhead"] = cluster.overhead_bytes
         mem["total"] = sum(mem.values())
         if best is None or mem["total"] > best[0]["total"]:
@@ -175,7 +184,7 @@ def _logit_sets(lay: _Option, work: Workload, last: bool) -> int:
     return lay.microbatches if lay.pp > 1 and work.pp_schedule == "gpipe" else 1
 
 
-def _unsharded_bytes(model: BaichuanConfig, lay: _Option, shapes, e: int) -> int:
+def _unsharded_bytes(model: BaichuanConfig, lay: _Option, shapes, e: int, lora: bool = False) -> int:
     """Full-size copies FSDP materialises. Plain FSDP/HSDP: two units' params in flight (current +
     prefetched) and one unit's grads before reduce-scatter. Pipeline+FSDP keeps the whole stage
     unsharded (params and grads) across micro-batches, as torch.distributed.pipelining does."""
@@ -184,7 +193,8 @@ def _unsharded_bytes(model: BaichuanConfig, lay: _Option, shapes, e: int) -> int
     if lay.pp > 1:
         return 2 * e * sum(math.prod(shape) for _, shape in shapes)
     units = sorted(fsdp_unit_params(model), reverse=True)
-    return e * (units[0] + units[1] + units[0])
+    # LoRA: a frozen unit has no gradient to gather; its adapters' are negligible.
+    return e * (units[0] + units[1] + (0 if lora else units[0]))
 
 
 @lru_cache(maxsize=256)
@@ -216,7 +226,9 @@ def _step_time(model: BaichuanConfig, cluster: ClusterSpec, work: Workload, lay:
         per_token = stage_flops_per_token(model, range(model.num_hidden_layers), True, s, recompute)
         per_micro = work.micro_batch * s * per_token / rate
         compute, bubble = work.grad_accum * per_micro, 0.0
-        comm = _sharding_comm(model.num_params * e, lay, groups, cluster, work.grad_accum)
+        # LoRA synchronises only the adapters' fp32 gradients; FSDP still gathers the frozen base.
+        grads = None if work.lora is None else 4 * model.lora_params(work.lora.r, work.lora.target_modules)
+        comm = _sharding_comm(model.num_params * e, lay, groups, cluster, work.grad_accum, grads)
         # DDP accumulates under no_sync: its one all-reduce overlaps only the last backward
         # (2/3 of a micro-batch). FSDP's gathers and reduce-scatters run alongside every pass.
         window = per_micro * 2 / 3 if lay.strategy == "ddp" else compute
@@ -248,20 +260,22 @@ def _stage_elems(model: BaichuanConfig, pp: int, stage: int) -> int:
 
 
 def _sharding_comm(nbytes: float, lay: _Option, groups: dict[str, GroupSet],
-                   cluster: ClusterSpec, grad_accum: int) -> float:
+                   cluster: ClusterSpec, grad_accum: int, grad_nbytes: float | None = None) -> float:
     """Seconds of gradient / parameter traffic per step for the data-parallel part of a layout.
-    `nbytes` is the full (unsharded) model or stage in the compute dtype."""
+    `nbytes` is the full (unsharded) model or stage in the compute dtype; `grad_nbytes` the
+    gradients that are reduced, when fewer than that (LoRA: only the adapters')."""
+    grad_nbytes = nbytes if grad_nbytes is None else grad_nbytes
     if lay.strategy in ("ddp", "pipeline", "pipeline+ddp"):
-        return group_seconds("all_reduce", nbytes, groups["dp"], cluster)
+        return group_seconds("all_reduce", grad_nbytes, groups["dp"], cluster)
     if lay.strategy == "pipeline+fsdp":  # gathered once, reduce-scattered once per step
         return (group_seconds("all_gather", nbytes, groups["dp"], cluster)
                 + group_seconds("reduce_scatter", nbytes, groups["dp"], cluster))
     shard_groups = groups["shard"] if lay.strategy == "hsdp" else groups["dp"]
     # Per micro-batch: all-gather in forward, again in backward, reduce-scatter the gradients.
     per_micro = (2 * group_seconds("all_gather", nbytes, shard_groups, cluster)
-                 + group_seconds("reduce_scatter", nbytes, shard_groups, cluster))
+                 + group_seconds("reduce_scatter", grad_nbytes, shard_groups, cluster))
     if lay.strategy == "hsdp":  # then each 1/shard slice is all-reduced across the replicas
-        per_micro += group_seconds("all_reduce", nbytes / lay.shard, groups["replicate"], cluster)
+        per_micro += group_seconds("all_reduce", grad_nbytes / lay.shard, groups["replicate"], cluster)
     return grad_accum * per_micro
 
 
@@ -375,7 +389,7 @@ def smallest_cluster(model: BaichuanConfig, cluster: ClusterSpec, work: Workload
     leanest_mode = max(modes, key=RECOMPUTE.index)
     floor = (activation_bytes(model, range(model.num_hidden_layers), leanest_mode, work.micro_batch,
                               work.seq_len, work.act_bytes)
-             + logits_bytes(model, work.micro_batch, work.seq_len, work.act_bytes)
+             + logits_bytes(model, work.micro_batch, work.seq_len, work.act_bytes, work.loss_chunk_tokens)
              + cluster.overhead_bytes)
     if floor > budget and work.pp_microbatches is None:
         return (f"No number of {cluster.gpu_name} nodes helps: activations and logits of "

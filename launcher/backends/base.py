@@ -134,7 +134,7 @@ class Backend(ABC):
         """Release what provisioning opened (connections). Always called."""
 
     def describe(self, plan: Plan) -> str:
-        return f"{len(plan.nodes)} node(s), world size {plan.world_size}, strategy {plan.parallel.get('strategy')}"
+        return f"{len(plan.nodes)} node(s), world size {plan.world_size}, {plan.running()}"
 
 
 def stacks_script(folder: str) -> str:

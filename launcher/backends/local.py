@@ -21,6 +21,20 @@ from launcher.planning import write_resolved_config
 ERROR_FILE = "torchrun-error.json"
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _end_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the supervisor dies, even by SIGKILL — torchrun
+    then stops its workers, so a killed supervisor (a detached one too) leaves nothing behind.
+    Over SSH the pty's hangup does the same."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() == 1:  # the parent died before the prctl: too late to be told
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 class LocalBackend(Backend):
     name = "local"
 
@@ -35,17 +49,20 @@ class LocalBackend(Backend):
         # torchrun (its main is `@record`ed) copies the first failed worker's error file to its own
         # TORCHELASTIC_ERROR_FILE; each worker gets a file of its own from torchrun, not this one.
         env = {**os.environ, **node.env, "TORCHELASTIC_ERROR_FILE": str(error_file)}
+        # torchrun sets 1 thread per process, with a banner, when this is unset: the cores divided
+        # among the processes is what the banner itself asks for.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // max(1, node.nproc_per_node))))
         try:
             # A new session: the terminal's Ctrl-C reaches only us, and we stop torchrun in order.
             proc = subprocess.Popen(node.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+                                    stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_end_with_parent)
         except OSError as e:
             raise MlaunchError(f"cannot start torchrun ({node.python}): {e.strerror}; check the python interpreter") from None
         return LocalJob(plan, node, proc, error_file)
 
     def describe(self, plan: Plan) -> str:
         return (f"torchrun --standalone, {plan.nodes[0].nproc_per_node} process(es), "
-                f"strategy {plan.parallel.get('strategy')}, outputs in {plan.output_dir}/")
+                f"{plan.running()}, outputs in {plan.output_dir}/")
 
 
 class LocalWorker(Worker):

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from job.config import JobConfig, to_yaml
-from job.errors import MlaunchError
+from job.errors import ConfigError, MlaunchError
 from job.markers import EXIT, PEER_LOST, SIGNAL_DEATH
 from launcher.backends.base import Backend, Job, NodeOutcome, Provisioned, Worker, count_stacks, save_stacks, stacks_script
 from launcher.backends.local import user_error_in
@@ -134,6 +134,22 @@ def open_host(cfg: JobConfig) -> SlurmHost:
     return LoginHost(ssh.connect(target), cluster.slurm.login, cluster.workdir, cluster.setup)
 
 
+def check_entrypoint(cfg: JobConfig, host: SlurmHost) -> None:
+    """`launch.entrypoint` looked up on the submitting machine (here, or the login node), in the
+    directory the job runs in: the allocated nodes share that filesystem."""
+    from launcher import entrypoint
+
+    check = entrypoint.remote_check_argv(cfg)
+    if check is None:
+        return
+    code, args = check
+    assert cfg.cluster is not None
+    res = host.run([cfg.cluster.python, "-c", code, *args], timeout=60)
+    if res.returncode != 0:
+        why = res.stdout.strip() or first_line(res.stderr) or f"exit {res.returncode}"
+        raise ConfigError(entrypoint.failure_line(cfg, {host.where: why}, "submitting machine"))
+
+
 class SlurmBackend(Backend):
     name = "slurm"
 
@@ -162,8 +178,9 @@ class SlurmBackend(Backend):
         assert cluster is not None
         if cluster.sync and isinstance(self.host, LoginHost):
             stats = self.host.conn.put_tree(Path.cwd(), cluster.workdir,
-                                            exclude_globs=[self.cfg.train.output_dir, "runs", *cluster.sync_exclude])
+                                            exclude_globs=[self.cfg.output_dir, "runs", *cluster.sync_exclude])
             say(f"{self.host.where}: synced {stats}")
+        check_entrypoint(self.cfg, self.host)
         self.offsets = self.host.prepare(plan.output_dir)
         self.host.write(plan.config_path, to_yaml(plan.resolved))
         self.script = f"{plan.output_dir.rstrip('/')}/slurm/{plan.run_id}.sbatch"
@@ -199,7 +216,7 @@ class SlurmBackend(Backend):
     def describe(self, plan: Plan) -> str:
         s = self.slurm
         return (f"{s.nodes} Slurm node(s){f' in partition {s.partition}' if s.partition else ''}, world size "
-                f"{plan.world_size}, strategy {plan.parallel.get('strategy')}")
+                f"{plan.world_size}, {plan.running()}")
 
 
 class SlurmWorker(Worker):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from job.config import JobConfig, to_yaml
-from job.errors import MlaunchError
+from job.errors import ConfigError, MlaunchError
 from launcher.backends.base import Backend, Job, NodeOutcome, Provisioned, Worker, count_stacks, save_stacks, stacks_script
 from launcher.console import say
 from launcher.fanout import fan_out
@@ -131,6 +131,31 @@ def check_port_free(conn: Any, python: str, addr: str, port: int) -> str | None:
     return None if res.exit_code == 0 else (res.stdout.strip() or res.stderr.strip() or f"exit {res.exit_code}")
 
 
+def check_entrypoint(cfg: JobConfig, conns: dict[str, Any], plan: Plan) -> None:
+    """`launch.entrypoint` looked up on every node, in its workdir (after `sync`), with its own
+    python; every node that lacks it named in one line, before anything starts."""
+    from launcher import entrypoint
+
+    check = entrypoint.remote_check_argv(cfg)
+    if check is None:
+        return
+    code, args = check
+
+    def one(name: str, node: NodePlan) -> str | None:
+        prelude = [node.setup.strip()] if node.setup and node.setup.strip() else []  # e.g. a venv's activate
+        cmd = " && ".join([f"cd {quote_path(node.workdir)}", *prelude, python_command(node.python, code, *args)])
+        res = conns[name].run(cmd, timeout=30)
+        if res.exit_code == 0:
+            return None
+        return res.stdout.strip() or (res.stderr.strip().splitlines() or [f"exit {res.exit_code}"])[-1]
+
+    found = fan_out(one, {n.name: n for n in plan.nodes}, cfg.cluster.ssh.max_parallel).values(  # type: ignore[union-attr]
+        "looking for the entrypoint")
+    failures = {n: why for n, why in found.items() if why}
+    if failures:
+        raise ConfigError(entrypoint.failure_line(cfg, failures, "node(s)"))
+
+
 class SSHBackend(Backend):
     name = "ssh"
 
@@ -161,7 +186,7 @@ class SSHBackend(Backend):
         def prepare(name: str, node: NodePlan) -> None:
             conn = self.conns[name]
             if cluster.sync:
-                excludes = [cfg.train.output_dir, "runs", *cluster.sync_exclude]
+                excludes = [cfg.output_dir, "runs", *cluster.sync_exclude]
                 stats = conn.put_tree(project, node.workdir, exclude_globs=excludes)
                 say(f"{node.name}: synced {stats}")
             # Atomic (tmp + rename): a rank never reads half a config.
@@ -169,6 +194,7 @@ class SSHBackend(Backend):
             conn.put_text(path if path.startswith("/") else f"{node.workdir.rstrip('/')}/{path}", config_text, timeout=60)
 
         fan_out(prepare, {n.name: n for n in plan.nodes}, cluster.ssh.max_parallel).values("preparing the nodes")
+        check_entrypoint(cfg, self.conns, plan)
 
         master = plan.nodes[0]
         if plan.rendezvous.master_addr == master.addr:
@@ -204,7 +230,7 @@ class SSHBackend(Backend):
 
     def describe(self, plan: Plan) -> str:
         r = plan.rendezvous
-        return (f"{len(plan.nodes)} node(s), world size {plan.world_size}, strategy {plan.parallel.get('strategy')}, "
+        return (f"{len(plan.nodes)} node(s), world size {plan.world_size}, {plan.running()}, "
                 f"rendezvous {r.endpoint if r else '-'}")
 
 

@@ -14,22 +14,26 @@ from tests.helpers import kill_run, read_metrics, run_train, start_train, wait_g
 from train import checkpoint as ckpt
 
 
-def _exported(run_dir):
+def _exported(run_dir, lora=False):
     from safetensors.torch import load_file
 
-    return load_file(str(run_dir / "export" / "model.safetensors"))
+    return load_file(str(run_dir / "export" / ("adapter_model.safetensors" if lora else "model.safetensors")))
 
 
-@pytest.mark.parametrize("strategy,nproc", [("ddp", 2), ("fsdp", 2), ("ddp", 3)])
-def test_sigkill_then_resume_is_bit_identical(tmp_path, strategy, nproc):
+@pytest.mark.parametrize("strategy,nproc,lora", [("ddp", 2, False), ("fsdp", 2, False), ("ddp", 3, False),
+                                                 ("fsdp", 2, True)])
+def test_sigkill_then_resume_is_bit_identical(tmp_path, strategy, nproc, lora):
     """SIGKILL the whole torchrun job once the checkpoint of step 4 is complete, plant
     half-written checkpoints, resume with `resume: auto`: the final weights equal, bit for bit,
     those of a run that was never interrupted (same seed). Mid-epoch, across epoch ends, with
     gradient accumulation over 2 ranks. Under fsdp the resumed model is built on the meta device
     and filled from the checkpoint alone (its initial weights are never computed). Over 3 ranks
-    the all-reduce's summation order shows: DDP's rebuilt bucket layout must be restored too."""
+    the all-reduce's summation order shows: DDP's rebuilt bucket layout must be restored too.
+    With LoRA (fsdp) the checkpoint holds only the adapters: the resumed run rebuilds the frozen
+    base from its seed on the meta device and takes the adapters and their moments from it."""
     common = dict(max_steps=40, grad_accum=2, data={"max_rows": 24, "micro_batch_size": 1},
-                  checkpoint={"every_steps": 2, "keep": 2}, parallel={"strategy": strategy})
+                  checkpoint={"every_steps": 2, "keep": 2}, parallel={"strategy": strategy},
+                  **({"lora": {"r": 4}, "optim": {"lr": 1e-2}} if lora else {}))
     ref = write_job(tmp_path / "ref", **common)
     crash = write_job(tmp_path / "crash", **common)
     started = time.monotonic()
@@ -60,12 +64,13 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, strategy, nproc):
     assert r.returncode == 0, r.stderr
     resumed = re.search(r"resumed from \S+step_(\d+) at step (\d+)", r.stderr)
     assert resumed and 4 <= int(resumed.group(2)) < 40, r.stderr
-    if strategy == "fsdp":
+    if strategy == "fsdp" and not lora:
         assert "weights: from checkpoint step_" in r.stderr, r.stderr
     assert not (ckpt_dir / "step_000098").exists() and not (ckpt_dir / "step_000099.tmp").exists()
 
-    want, got = _exported(tmp_path / "ref" / "run"), _exported(tmp_path / "crash" / "run")
-    assert want.keys() == got.keys() and "model.layers.1.self_attn.W_pack.weight" in want
+    want, got = _exported(tmp_path / "ref" / "run", lora), _exported(tmp_path / "crash" / "run", lora)
+    key = "base_model.model.model.layers.1.self_attn.W_pack.lora_B.weight" if lora else "model.layers.1.self_attn.W_pack.weight"
+    assert want.keys() == got.keys() and key in want
     different = [k for k in want if not torch.equal(want[k], got[k])]
     assert not different, f"not bit-identical after resume: {different}"
     # metrics.jsonl reads as one run: each step once, the same losses.

@@ -12,6 +12,8 @@ import pytest
 import yaml
 
 from tests.helpers import kill_run, read_metrics, run_train, start_train, wait_gone, write_job
+from job.events import parse_event
+from job.markers import BEAT, STARTED
 from train.checkpoint import MARKER, complete_checkpoints
 
 
@@ -38,10 +40,23 @@ def test_missing_config_file_exit_2(tmp_path):
 
 
 def test_alone_without_torchrun_trains_and_exports(tmp_path):
-    cfg = write_job(tmp_path, max_steps=3, checkpoint={"every_steps": 2}, tensorboard=True)
-    result = run_train(cfg, timeout=60)
+    cfg = write_job(tmp_path, max_steps=3, checkpoint={"every_steps": 2}, report_to=["tensorboard", "wandb"])
+    wandb_env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path / "wandb-dir"),
+                 "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache")}
+    result = run_train(cfg, timeout=60, env=wandb_env)
     assert result.returncode == 0, result.stderr
     run = tmp_path / "run"
+    # Rank 0's events for the launcher (run under a run id, as mlaunch does), and only those on stdout.
+    lines = [line for line in result.stdout.splitlines() if not line.startswith((STARTED, BEAT))]
+    events = [parse_event(line) or line for line in lines]
+    assert [e["event"] if isinstance(e, dict) else e for e in events] == ["start", "train", "train", "train", "eval", "end"]
+    assert events[0]["total_steps"] == 3 and events[0]["start_step"] == 0 and events[0]["world_size"] == 1
+    assert events[3]["step"] == 3 and events[3]["tokens"] > events[1]["tokens"] > 0
+    end = events[-1]
+    assert end["outcome"] == "completed" and end["steps"] == 3 and end["eval_loss"] == events[4]["eval_loss"]
+    assert end["export"] == str((run / "export").resolve()) and end["checkpoints"] == str((run / "checkpoints").resolve())
+    assert end["tokens"] == events[3]["tokens"] and end["tokens_per_s"] > 0
+    assert (run / "tensorboard").is_dir() and list((run / "wandb").glob("offline-run-*/*.wandb"))
     metrics = read_metrics(run)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert {"step", "epoch", "loss", "lr", "tokens_per_s", "padded_tokens_per_s", "real_token_fraction", "grad_norm",

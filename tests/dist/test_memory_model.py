@@ -41,7 +41,7 @@ def _launch(tmp_path: Path, world: int) -> list[dict]:
 @pytest.mark.parametrize("world", [2, 4])
 def test_predicted_state_bytes_match_held_bytes(tmp_path, world):
     rows = _launch(tmp_path, world)
-    expected = {2: {"ddp", "fsdp", "hsdp", "pipeline", "pipeline-interleaved"},
+    expected = {2: {"ddp", "fsdp", "hsdp", "pipeline", "pipeline-interleaved", "ddp-lora", "fsdp-lora"},
                 4: {"ddp", "fsdp", "hsdp", "pipeline+ddp", "pipeline+fsdp", "pipeline-pp4"}}[world]
     assert {r["layout"] for r in rows} == expected
     assert len(rows) == len(expected) * world  # one row per layout and rank
@@ -49,9 +49,11 @@ def test_predicted_state_bytes_match_held_bytes(tmp_path, world):
         ratio = r["measured"] / r["predicted"]
         assert abs(ratio - 1) <= TOLERANCE, f"{r['layout']} rank {r['rank']}: held {r['measured']} B, " \
                                             f"predicted {r['predicted']} B ({r['parts']})"
-        if r["layout"] != "ddp":  # sharding or stages really cut the per-rank state
+        if r["layout"] != "ddp":  # sharding, stages or a frozen base really cut the per-rank state
             full = next(x for x in rows if x["layout"] == "ddp" and x["rank"] == r["rank"])["measured"]
             assert r["measured"] < 0.8 * full, r
+        if r["layout"].endswith("-lora"):  # gradients and AdamW moments only for the adapters
+            assert r["parts"]["optimizer"] == 2 * r["parts"]["grads"] < 0.2 * r["parts"]["params"], r
 
 
 def test_gpu_check_cpu_smoke_retries_after_oom(tmp_path):
@@ -70,6 +72,26 @@ def test_gpu_check_cpu_smoke_retries_after_oom(tmp_path):
     assert f["flops_per_token"] == 6 * (f["params"] - f["vocab"] * f["hidden"]) + 12 * f["layers"] * f["hidden"] * f["seq"]
 
 
+def test_gpu_check_all_runs_its_matrix_on_cpu(tmp_path):
+    """`gpu_check.py --all`, the prepared GPU run, in its CPU mode: the four single-process variants
+    (full logits / chunked loss x eager / compiled blocks, aot_eager on CPU) all run and start from
+    the same loss (same weights, same batches). The fsdp part (torchrun, `--fsdp-ranks 2` on CPU)
+    is left out here: its launch would double this test's time, and test_parallel.py runs fsdp."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--all", "--cpu-smoke", "--fsdp-ranks", "0"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    runs = {r["variant"]: r for r in figures["runs"]}
+    assert set(runs) == {"full logits", "chunked", "full logits, compiled", "chunked, compiled"}, runs
+    assert not [r for r in runs.values() if "error" in r], runs
+    first = runs["full logits"]
+    for name, r in runs.items():
+        assert r["tokens_per_s"] > 0 and r["finite"], name
+        assert abs(r["loss_first"] - first["loss_first"]) <= 1e-4 * first["loss_first"], (name, r["loss_first"])
+    assert runs["chunked"]["predicted_breakdown_bytes"]["logits"] < runs["full logits"]["predicted_breakdown_bytes"]["logits"]
+
+
 # ============================================================================== worker side
 def _layouts(world: int):
     """(name, the Layout the ranks run, train.parallel settings, the Layout the planner predicts;
@@ -86,6 +108,9 @@ def _layouts(world: int):
             ("pipeline", Layout(pp=2), pipe, Layout(pp=2)),
             ("pipeline-interleaved", Layout(pp=2),
              {**pipe, "schedule": "interleaved_1f1b", "stages_per_rank": 2}, Layout(pp=4)),
+            # LoRA (r 4, every linear): the frozen fp32 base, the adapters with their grads and moments.
+            ("ddp-lora", Layout(dp_replicate=2), {"strategy": "ddp"}, Layout(dp_replicate=2)),
+            ("fsdp-lora", Layout(dp_shard=2), {"strategy": "fsdp"}, Layout(dp_shard=2)),
         ]
     return [
         ("ddp", Layout(dp_replicate=4), {"strategy": "ddp"}, Layout(dp_replicate=4)),
@@ -123,12 +148,18 @@ def _measure(name, layout, parallel, planned, rank: int) -> dict:
     from train.parallel.mesh import build_mesh
 
     device = torch.device("cpu")
+    lora = {"r": 4} if name.endswith("-lora") else None
     cfg = TrainConfig.model_validate({"model": {"init": {}}, "device": "cpu", "parallel": parallel,
-                                      "data": {"max_length": 32}})
+                                      "data": {"max_length": 32}, "lora": lora})
     mcfg = BaichuanConfig(**DIMS, norm_head=True)
     torch.manual_seed(0)
     model = BaichuanForCausalLM(mcfg)
     init_weights(model)
+    if lora is not None:
+        from train.lora import apply_lora, init_adapters
+
+        apply_lora(model, cfg.lora, device, torch.float32)
+        init_adapters(model, 0)
     par = parallelize(model, layout=layout, mesh=build_mesh(layout, device), cfg=cfg, device=device, z_loss_weight=0.0,
                       arch=BAICHUAN)
     opt = build_optimizer(par, cfg, device)
@@ -148,6 +179,10 @@ def _measure(name, layout, parallel, planned, rank: int) -> dict:
         pp_rank = par.pp_rank
         predicted = sum(state_bytes_per_rank(mcfg, planned, rank_stage=k)
                         for k in range(n_stages) if k % pp == pp_rank)
+    elif lora is not None:
+        from job.planner import Adapters
+
+        predicted = state_bytes_per_rank(mcfg, planned, lora=Adapters(r=4))
     else:
         predicted = state_bytes_per_rank(mcfg, planned)
     return {"layout": name, "rank": rank, "measured": sum(parts.values()), "predicted": predicted, "parts": parts}

@@ -195,6 +195,10 @@ def _cfg(parallel: dict):
     return TrainConfig.model_validate({
         "model": {"init": {}}, "device": "cpu", "parallel": parallel,
         "data": {"max_length": 64}, "optim": {"lr": 1e-2, "weight_decay": 0.01}, "clip_grad_norm": 1.0,
+        # Several loss chunks per micro-batch under every strategy and the reference alike (a
+        # trajectory of 6 steps at lr 1e-2 amplifies any change of rounding past 1e-4, so all runs
+        # take the same loss path; tests/unit/test_loss.py checks it against the full logits).
+        "loss_chunk_tokens": 16,
     })
 
 
@@ -317,6 +321,7 @@ def _reference(steps: list[list[dict]], eval_rows: list[dict]) -> tuple[dict, di
     model = _fresh_model(0)
     par = DDPParallel.build(model, layout=Layout(), mesh=None, cfg=cfg, device=torch.device("cpu"),
                             z_loss_weight=_tiny_config().z_loss_weight, arch=BAICHUAN)
+    par.loss_chunk_tokens = cfg.loss_chunk_tokens  # what `parallelize` sets for the others
     opt = build_optimizer(par, cfg, torch.device("cpu"))
     out = {"loss": [], "grad_norm": []}
     for rows in steps:

@@ -300,3 +300,33 @@ def test_a_hung_rank_on_slurm_is_found_named_and_recovered(tmp_path: Path, slurm
     assert any(p.stat().st_size for p in (out / "logs" / "stacks").glob("*.txt")), "no stack kept"
     wait_gone(run_id, timeout=15)
     assert not slurm.squeue_ids()
+
+
+def test_detached_slurm_run_shows_the_jobs_own_state_and_stops_without_its_supervisor(tmp_path: Path, slurm: Any) -> None:
+    """--detach returns once the job is submitted; with its supervisor killed, `status` shows the
+    job's own Slurm state, and `stop` cancels the job itself."""
+    config = slurm_job(tmp_path, slurm, max_steps=2000)
+    out = tmp_path / "run"
+    res = subprocess.run([*MLAUNCH, "run", str(config), "--detach"], cwd=config.parent, env=slurm.env, text=True,
+                         capture_output=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "detached: Slurm job" in res.stderr, res.stderr
+    run_id = next(line.split()[2] for line in res.stderr.splitlines() if " detached: " in line)
+
+    def status() -> dict:
+        st = subprocess.run([*MLAUNCH, "status", run_id, "--json"], env=slurm.env, text=True, capture_output=True,
+                            timeout=30)
+        assert st.returncode == 0, st.stderr
+        return json.loads(st.stdout)
+
+    wait_for(lambda: steps_done(out) >= 2, 120, "training steps")
+    os.kill(status()["supervisor"]["pid"], signal.SIGKILL)
+    wait_for(lambda: status()["state"] == "lost", 10, "the run shown lost")
+    assert status()["slurm_state"] == "RUNNING", "Slurm's job goes on without the supervisor"
+    table = subprocess.run([*MLAUNCH, "status"], env=slurm.env, text=True, capture_output=True, timeout=30).stdout
+    assert "lost (supervisor died), slurm RUNNING" in table, table
+    stop = subprocess.run([*MLAUNCH, "stop", run_id], env=slurm.env, text=True, capture_output=True, timeout=60)
+    assert stop.returncode == 0 and "cancelled Slurm job" in stop.stderr, stop.stderr
+    wait_for(lambda: not slurm.squeue_ids(), 30, "an empty queue")
+    wait_gone(run_id_of(out), timeout=15)
+    assert status()["state"] == "stopped"

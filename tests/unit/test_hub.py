@@ -170,7 +170,7 @@ def test_save_then_load_is_bit_identical(tmp_path, dtype):
     tok = tmp_path / "src.model"
     tok.write_bytes(b"not really a tokenizer")
     out = save_pretrained(model, cfg, tmp_path / "export", tokenizer_file=tok)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"]
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == str(dtype).split(".")[1]
     loaded, loaded_cfg = load_pretrained(out, dtype=dtype)
     assert loaded_cfg == cfg
@@ -210,7 +210,7 @@ def test_sharding_above_limit_writes_a_correct_index(tmp_path):
 
     # Below the limit: a single file, no index.
     single = save_state_dict(state, cfg, tmp_path / "single", max_shard_size_bytes=total)
-    assert sorted(p.name for p in single.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in single.iterdir()) == ["README.md", "config.json", "model.safetensors"]
 
 
 def test_export_replaces_an_existing_directory(tmp_path):

@@ -40,7 +40,6 @@ from torch.distributed.checkpoint.state_dict import (
 
 from job.baichuan import IGNORE_INDEX
 from job.layout import Layout
-from train.loss import causal_lm_loss
 
 if TYPE_CHECKING:
     from job.config import TrainConfig
@@ -141,8 +140,10 @@ class Parallelized(abc.ABC):
         n_tokens = target_tokens(batch)
         batch = to_device(batch, self.device)
         with self.autocast():
-            logits = module(batch["input_ids"], batch["attention_mask"])
-            loss_sum, _ = causal_lm_loss(logits, batch["labels"], self.z_loss_weight)
+            # The model computes the loss itself (its head's forward, `loss_chunk_tokens` at a
+            # time), so FSDP gathers the head around it and no full logits are returned.
+            loss_sum = module(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
+                              z_loss_weight=self.z_loss_weight, loss_chunk_tokens=self.loss_chunk_tokens)
         return loss_sum, n_tokens
 
     # ------------------------------------------------------------------ shared implementations
@@ -213,6 +214,8 @@ class Parallelized(abc.ABC):
 
     # `train.parallel.mixed_precision`, set by `parallelize` after `build`.
     mixed_precision: str = "auto"
+    # `train.loss_chunk_tokens` (0 = the loss from full logits), set by `parallelize` after `build`.
+    loss_chunk_tokens: int = 0
 
 
 def parallelize(
@@ -231,4 +234,5 @@ def parallelize(
     cls: type[Parallelized] = getattr(importlib.import_module(module_name), cls_name)
     par = cls.build(model, layout=layout, mesh=mesh, cfg=cfg, device=device, z_loss_weight=z_loss_weight, arch=arch)
     par.mixed_precision = cfg.parallel.mixed_precision
+    par.loss_chunk_tokens = cfg.loss_chunk_tokens
     return par

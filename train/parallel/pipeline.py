@@ -14,8 +14,10 @@ dim 0 into `microbatches` pipeline micro-batches (default 2·pp). Each stage tak
   * attention_mask as a keyword argument on *every* stage: all ranks of a replica have the batch
     locally, so each stage rebuilds its own mask and RoPE positions from it and nothing but the
     hidden states crosses the stage boundary;
-  * labels (last stage only) as the schedule's target.
-The loss of a pipeline micro-batch is `causal_lm_loss` sum × loss_scale, summed (not averaged:
+  * labels as a keyword argument too (with the z-loss weight and `loss_chunk_tokens`): the last
+    stage's forward returns the loss sum itself (the head's chunked loss, `train.loss`), so no
+    [tokens × vocab] logits leave it; the schedule's loss_fn only scales that sum.
+The loss of a pipeline micro-batch is the `causal_lm_loss` sum × loss_scale, summed (not averaged:
 `scale_grads=False`) over the micro-batches, so the gradients equal those of the whole batch
 normalised by the loop's global token count, exactly as in DDP.
 
@@ -55,7 +57,6 @@ from torch.distributed.tensor import DTensor
 from job.baichuan import IGNORE_INDEX, PAD_ID
 from job.errors import ConfigError
 from job.layout import Layout
-from train.loss import causal_lm_loss
 from train.parallel.base import ModelParallelism, Parallelized, target_tokens, to_device
 from train.parallel.ddp import apply_ddp
 from train.parallel.fsdp import apply_fsdp, materialize, mixed_precision_policy, offload_policy
@@ -204,26 +205,30 @@ class PipelineParallel(Parallelized):
         return self.device.type == "cuda" and self.mixed_precision != "fp32"
 
     # -------------------------------------------------------------- schedules, one per shape
-    def _loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss_sum, _ = causal_lm_loss(logits, labels, self.z_loss_weight)
+    def _loss_fn(self, loss_sum: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # The last stage's output is already the micro-batch's loss sum (its forward got the labels).
         return loss_sum * self._loss_scale
+
+    def _loss_kwargs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """What every stage's forward gets besides its input; only the last stage uses it."""
+        return {"labels": batch["labels"], "z_loss_weight": self.z_loss_weight,
+                "loss_chunk_tokens": self.loss_chunk_tokens}
 
     def _shape(self, rows: int, seq: int) -> _Shape:
         """Stages and schedule for pipeline micro-batches of [rows, seq], built on first use."""
         key = (rows, seq)
         if key in self._shapes:
             return self._shapes[key]
-        h, vocab = self.config.hidden_size, self.config.vocab_size
+        h = self.config.hidden_size
         meta = torch.device("meta")
         ids = torch.empty(rows, seq, dtype=torch.long, device=meta)
         # requires_grad on the hidden states: stages send their input gradients back.
         hidden = torch.empty(rows, seq, h, dtype=torch.float32, device=meta, requires_grad=True)
-        logit_dtype = torch.bfloat16 if self._bf16_compute() else torch.float32
-        logits = torch.empty(rows, seq, vocab, dtype=logit_dtype, device=meta, requires_grad=True)
+        loss_sum = torch.empty((), dtype=torch.float32, device=meta, requires_grad=True)
         stages = [
             PipelineStage(module, k, self.n_stages, self.device,
                           input_args=(ids if k == 0 else hidden,),
-                          output_args=(logits if k == self.n_stages - 1 else hidden,),
+                          output_args=(loss_sum if k == self.n_stages - 1 else hidden,),
                           group=self.pp_group)
             for module, k in zip(self.modules, self.stage_ids)
         ]
@@ -256,7 +261,7 @@ class PipelineParallel(Parallelized):
         if not shape.used and self.fsdp:
             saved = [(p, p.grad) for p in self.parameters() if p.grad is not None]
         args = (padded["input_ids"],) if self.has_first else ()
-        kwargs = {"attention_mask": padded["attention_mask"]}
+        kwargs = {"attention_mask": padded["attention_mask"], **self._loss_kwargs(padded)}
         target = padded["labels"] if self.has_loss else None
         with self.autocast():
             shape.schedule.step(*args, target=target, losses=losses if self.has_loss else None,
@@ -294,9 +299,9 @@ class PipelineParallel(Parallelized):
                 else:  # the previous stage is always on another rank (pp >= 2)
                     x = torch.empty(b, s, self.config.hidden_size, dtype=torch.float32, device=self.device)
                     dist.recv(x, group=self.pp_group, group_src=(k - 1) % pp)
-                y = mine[k](x, mask)
+                y = mine[k](x, mask, **self._loss_kwargs(batch))
                 if k == self.n_stages - 1:
-                    loss_sum, _ = causal_lm_loss(y, batch["labels"], self.z_loss_weight)
+                    loss_sum = y
                 else:
                     dist.send(y.contiguous(), group=self.pp_group, group_dst=(k + 1) % pp)
         return loss_sum.detach(), n_tokens

@@ -415,6 +415,24 @@ def _write_json(path: Path, obj: object) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def write_safetensors(folder: Path, tensors: Mapping[str, torch.Tensor], max_shard_size_bytes: int) -> None:
+    """`model.safetensors`, or shards plus `model.safetensors.index.json` (the hub's layout)."""
+    from safetensors.torch import save_file
+
+    shards = _plan_shards(tensors, max_shard_size_bytes)
+    meta = {"format": "pt"}  # transformers refuses safetensors files without it
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata=meta)
+        return
+    weight_map: dict[str, str] = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / name), metadata=meta)
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(_nbytes(t) for t in tensors.values())
+    _write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
 def save_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     cfg: BaichuanConfig,
@@ -422,13 +440,20 @@ def save_state_dict(
     *,
     max_shard_size_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     tokenizer_file: str | os.PathLike[str] | None = None,
+    export_format: Literal["baichuan", "llama"] = "baichuan",
 ) -> Path:
     """Export a full state dict (published key names) as a hub-layout safetensors checkpoint.
 
     One ``model.safetensors`` up to ``max_shard_size_bytes``; above it
     ``model-0000x-of-0000y.safetensors`` plus ``model.safetensors.index.json``. The whole
-    directory appears at once (written to a temp dir, then renamed)."""
-    from safetensors.torch import save_file
+    directory appears at once (written to a temp dir, then renamed), with a README.md saying
+    what loads it. ``export_format="llama"`` writes a stock LlamaForCausalLM instead (RoPE
+    variants only; train/models/baichuan/llama_export.py)."""
+    if export_format == "llama":
+        from train.models.baichuan.llama_export import save_llama_state_dict
+
+        return save_llama_state_dict(state_dict, cfg, out_dir, max_shard_size_bytes=max_shard_size_bytes,
+                                     tokenizer_file=tokenizer_file)
 
     tensors = _cpu_contiguous(state_dict)
     if not tensors:
@@ -439,27 +464,36 @@ def save_state_dict(
         raise FileNotFoundError(f"tokenizer file does not exist: {tokenizer_file}")
 
     def write(tmp: Path) -> None:
-        shards = _plan_shards(tensors, max_shard_size_bytes)
-        meta = {"format": "pt"}  # transformers refuses safetensors files without it
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / "model.safetensors"), metadata=meta)
-        else:
-            weight_map: dict[str, str] = {}
-            for i, shard in enumerate(shards, start=1):
-                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata=meta)
-                weight_map.update(dict.fromkeys(shard, name))
-            total = sum(_nbytes(t) for t in tensors.values())
-            _write_json(
-                tmp / "model.safetensors.index.json",
-                {"metadata": {"total_size": total}, "weight_map": weight_map},
-            )
+        write_safetensors(tmp, tensors, max_shard_size_bytes)
         _write_json(tmp / "config.json", cfg.to_hf_dict(torch_dtype=torch_dtype))
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / "tokenizer.model")
             _write_json(tmp / "tokenizer_config.json", cfg.tokenizer_config())
+        (tmp / "README.md").write_text(baichuan_layout_readme(cfg))
 
     return _write_atomically(Path(out_dir), write)
+
+
+def baichuan_layout_readme(cfg: BaichuanConfig) -> str:
+    """What an export in the published layout loads with (measured, issue 12): the published remote
+    code gives the project's logits only on transformers 4.33–4.40; from 5.x it fails."""
+    repo, _ = cfg.published_code()
+    return f"""# Fine-tuned Baichuan, published hub layout
+
+Written by mlaunch: the weights under Baichuan's own names (`W_pack`, ...), a `config.json` whose
+`auto_map` points at the remote code of `{repo}`, and the SentencePiece `tokenizer.model`.
+
+* **mlaunch** needs no transformers at all: `mlaunch generate <this folder or the run's output_dir>
+  --prompt "..."` and `mlaunch eval <the run's output_dir>`.
+* **transformers with the published remote code** (`trust_remote_code=True`): transformers
+  **>= 4.33, < 4.41** (`pip install "transformers>=4.33,<4.41"`); there it gives the project's
+  logits (measured). Its published tokenizer class breaks from 4.34 on (read `tokenizer.model` with
+  `sentencepiece` there), and the published models fail in transformers 5.x (NaN logits,
+  meta-tensor errors).
+* **Today's transformers without remote code**: export the RoPE models (Baichuan-7B,
+  Baichuan2-7B) with `train.checkpoint.export_format: llama`, which writes a stock
+  `LlamaForCausalLM` folder instead.
+"""
 
 
 def save_pretrained(

@@ -3,7 +3,8 @@
 The parameter names are exactly the published ones, so hub checkpoints load without a
 conversion step and exports load back into the published ``trust_remote_code`` models.
 
-Designed for distributed training rather than generation (there is no KV cache):
+Designed for distributed training first; generation gets a KV cache through a separate
+path (`KVCache`, `BaichuanForCausalLM.decode`) that the training forward never takes:
 
 * ``model.layers`` is an ``nn.ModuleDict`` keyed ``"0".."L-1"``: a pipeline stage can drop
   layers (and ``embed_tokens``/``norm``/``lm_head`` can be set to ``None``) while every
@@ -26,6 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from job.baichuan import BaichuanConfig
+from train.loss import causal_lm_loss, linear_cross_entropy
 
 CheckpointMode = Literal["none", "full", "selective"]
 
@@ -126,6 +128,66 @@ def _build_context(
 
 
 # --------------------------------------------------------------------------------------
+# Generation: the KV cache and the attention context of the positions that follow it
+# --------------------------------------------------------------------------------------
+class KVCache:
+    """Keys and values of every position decoded so far, per decoder layer (generation only).
+
+    Buffers of ``max_length`` positions are allocated on a layer's first use, so a step writes
+    its new keys in place instead of concatenating the whole history again. ``length`` is the
+    number of cached positions; ``BaichuanForCausalLM.decode`` advances it."""
+
+    def __init__(self, max_length: int) -> None:
+        self.max_length = max_length
+        self.length = 0
+        self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.head_weight: torch.Tensor | None = None  # a NormHead's normalised rows, computed once
+
+    def layer(self, idx: int) -> "LayerCache":
+        return LayerCache(self, idx)
+
+
+class LayerCache:
+    """One decoder layer's view of a ``KVCache``."""
+
+    def __init__(self, owner: KVCache, idx: int) -> None:
+        self.owner, self.idx = owner, idx
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new positions' k, v [B, H, S, D]; return the keys and values of all positions."""
+        owner = self.owner
+        start, end = owner.length, owner.length + k.shape[2]
+        if end > owner.max_length:
+            raise ValueError(f"the KV cache holds {owner.max_length} positions; {end} were asked for")
+        if self.idx not in owner._buffers:
+            shape = (k.shape[0], k.shape[1], owner.max_length, k.shape[3])
+            owner._buffers[self.idx] = (k.new_empty(shape), v.new_empty(shape))
+        keys, values = owner._buffers[self.idx]
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        return keys[:, :, :end], values[:, :, :end]
+
+
+def _decode_context(cfg: BaichuanConfig, past: int, seq_len: int, device: torch.device,
+                    dtype: torch.dtype) -> _AttnContext:
+    """``_build_context`` for ``seq_len`` new positions after ``past`` cached ones (no padding):
+    RoPE angles and ALiBi distances are those of the absolute positions past..past+seq_len-1, so
+    every number equals the one the full forward computes for that position."""
+    total = past + seq_len
+    q_pos = torch.arange(past, total, device=device)
+    k_pos = torch.arange(total, device=device)
+    if cfg.position == "rope":
+        rope = _rope_tables(q_pos[None], cfg.head_dim, cfg.rope_theta, dtype)
+        # No past (the prompt): SDPA's causal path, exactly as the full forward takes it. Otherwise
+        # is_causal would align the query rows to the first keys, not to the last.
+        mask = None if past == 0 else (k_pos[None, :] <= q_pos[:, None])[None, None]
+        return _AttnContext(mask=mask, rope=rope)
+    rel = k_pos.to(torch.float32)[None, :] - q_pos.to(torch.float32)[:, None]
+    bias = alibi_slopes(cfg.num_attention_heads).to(device)[:, None, None] * rel  # [H, S, past+S]
+    return _AttnContext(mask=torch.where((rel <= 0)[None, None], bias.to(dtype)[None], float("-inf")))
+
+
+# --------------------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
@@ -141,15 +203,36 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(self.weight.dtype)
 
 
-class NormHead(nn.Linear):
+class LMHead(nn.Linear):
+    """The output projection, which can also return the loss instead of the logits.
+
+    ``forward(x)``: logits [B, S, V]. ``forward(x, labels, z_loss_weight, chunk_tokens)``: the
+    loss sum over real target tokens (`train.loss`): with ``chunk_tokens`` > 0 chunk by chunk,
+    so the [tokens × vocab] logits never exist whole; 0 computes the full logits first. The loss
+    runs inside the head's own forward so that FSDP's hooks gather (and reshard) its weight
+    around it, as for the plain matmul."""
+
+    def head_weight(self) -> torch.Tensor:
+        return self.weight
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, z_loss_weight: float = 0.0,
+                chunk_tokens: int = 0) -> torch.Tensor:
+        if labels is None:
+            return F.linear(x, self.head_weight())
+        if chunk_tokens:
+            return linear_cross_entropy(x, self.head_weight(), labels, z_loss_weight, chunk_tokens)[0]
+        return causal_lm_loss(F.linear(x, self.head_weight()), labels, z_loss_weight)[0]
+
+
+class NormHead(LMHead):
     """Baichuan2's head: rows L2-normalised at use time, every forward.
 
     The published code swaps in a normalised copy of the parameter when switching to eval;
     that breaks FSDP sharding and the optimizer's reference to the parameter, so here the
     parameter itself is never replaced."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, F.normalize(self.weight, dim=-1))
+    def head_weight(self) -> torch.Tensor:
+        return F.normalize(self.weight, dim=-1)
 
 
 class Attention(nn.Module):
@@ -160,13 +243,15 @@ class Attention(nn.Module):
         self.W_pack = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
         self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, ctx: _AttnContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: _AttnContext, cache: LayerCache | None = None) -> torch.Tensor:
         b, s, h = x.shape
         qkv = self.W_pack(x).view(b, s, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, S, D]
         if ctx.rope is not None:
             cos, sin = ctx.rope
             q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        if cache is not None:  # decoding: attend to the cached positions too (keys stored rotated)
+            k, v = cache.append(k, v)
         if ctx.mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -196,14 +281,14 @@ class DecoderLayer(nn.Module):
         # A plain attribute, not a wrapper module, so state-dict keys never change.
         self.activation_checkpointing = False
 
-    def _forward(self, x: torch.Tensor, ctx: _AttnContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx)
+    def _forward(self, x: torch.Tensor, ctx: _AttnContext, cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward(self, x: torch.Tensor, ctx: _AttnContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: _AttnContext, cache: LayerCache | None = None) -> torch.Tensor:
         if self.activation_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(self._forward, x, ctx, use_reentrant=False)
-        return self._forward(x, ctx)
+        return self._forward(x, ctx, cache)
 
 
 class BaichuanModel(nn.Module):
@@ -223,17 +308,23 @@ class BaichuanForCausalLM(nn.Module):
     ``model.embed_tokens`` is present, else hidden states [B, S, h]. Returns logits
     [B, S, V] when ``lm_head`` is present, else hidden states. ``attention_mask`` is the
     usual [B, S] 1/0 padding mask (left or right padding); None means no padding.
+
+    Training passes ``labels`` [B, S] (-100 = ignored) instead: a model with its head then
+    returns the loss sum over real target tokens (`LMHead`), computed ``loss_chunk_tokens``
+    tokens at a time (0: from the full logits), with Baichuan2's z-loss at ``z_loss_weight``.
+    A stage without the head ignores them and returns hidden states as before.
     """
 
     def __init__(self, cfg: BaichuanConfig) -> None:
         super().__init__()
         self.config = cfg
         self.model = BaichuanModel(cfg)
-        head_cls = NormHead if cfg.norm_head else nn.Linear
-        self.lm_head: nn.Linear | None = head_cls(cfg.hidden_size, cfg.vocab_size, bias=False)
+        head_cls = NormHead if cfg.norm_head else LMHead
+        self.lm_head: LMHead | None = head_cls(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def forward(
-        self, input_ids_or_hidden: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self, input_ids_or_hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None, z_loss_weight: float = 0.0, loss_chunk_tokens: int = 0,
     ) -> torch.Tensor:
         m = self.model
         if m.embed_tokens is not None:
@@ -246,8 +337,31 @@ class BaichuanForCausalLM(nn.Module):
         if m.norm is not None:
             x = m.norm(x)
         if self.lm_head is not None:
+            if labels is not None:
+                return self.lm_head(x, labels, z_loss_weight, loss_chunk_tokens)
             x = self.lm_head(x)
         return x
+
+    def decode(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Generation: logits [B, S, V] of the S new tokens ``input_ids`` [B, S] that follow the
+        ``cache.length`` positions already in ``cache``, which then holds these too.
+
+        The first call (an empty cache) takes the prompt, later ones the sampled tokens. A
+        complete model (not a pipeline stage) and no padding; the training forward is untouched."""
+        m = self.model
+        x = m.embed_tokens(input_ids)
+        ctx = _decode_context(self.config, cache.length, x.shape[1], x.device, x.dtype)
+        for layer in m.layers.values():
+            x = layer(x, ctx, cache.layer(layer.layer_idx))
+        cache.length += x.shape[1]
+        x = m.norm(x)
+        if isinstance(self.lm_head, NormHead):
+            # The weights do not change while generating: normalise the head's rows once per
+            # answer, not once per token (Baichuan2's 125,696 x 4096 head, every step).
+            if cache.head_weight is None:
+                cache.head_weight = F.normalize(self.lm_head.weight, dim=-1)
+            return F.linear(x, cache.head_weight)
+        return self.lm_head(x)
 
 
 # --------------------------------------------------------------------------------------

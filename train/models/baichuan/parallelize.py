@@ -49,9 +49,13 @@ class PipelineChunk(nn.Module):
         self.lm_head = full.lm_head if last else None
         self.is_last = last
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        # The model's own forward: it skips the parts set to None.
-        out = BaichuanForCausalLM.forward(self, x, attention_mask)  # type: ignore[arg-type]
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, z_loss_weight: float = 0.0,
+                loss_chunk_tokens: int = 0) -> torch.Tensor:
+        # The model's own forward: it skips the parts set to None; the last stage returns the
+        # loss sum (the labels reach every stage; the others ignore them).
+        out = BaichuanForCausalLM.forward(self, x, attention_mask, labels,  # type: ignore[arg-type]
+                                          z_loss_weight, loss_chunk_tokens)
         # Hidden states leave in fp32 so the static p2p shapes do not depend on the compute dtype.
         return out if self.is_last else out.float()
 
