@@ -86,14 +86,22 @@ def first_line(text: str) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
+#: Tries of `scontrol show job` before the job's state counts as unknowable.
+JOB_INFO_TRIES = 3
+
+
 def job_info(host: SlurmHost, job_id: str) -> dict[str, str] | None:
     """`scontrol show job -o`, as key → value; None once the job is gone from the controller."""
-    res = slurm_cmd(host, "scontrol", "show", "job", "-o", job_id)
-    if res.returncode != 0:
+    for attempt in range(JOB_INFO_TRIES):
+        res = slurm_cmd(host, "scontrol", "show", "job", "-o", job_id)
+        if res.returncode == 0:
+            return parse_fields(res.stdout)
         if "Invalid job id" in res.stderr:
             return None
-        raise MlaunchError(f"`scontrol show job {job_id}` failed: {first_line(res.stderr)}")
-    return parse_fields(res.stdout)
+        # A busy controller can fail a query without a word: one poll lost is not a run lost.
+        time.sleep(0.5 * (attempt + 1))
+    raise MlaunchError(f"`scontrol show job {job_id}` failed {JOB_INFO_TRIES} times: "
+                       f"{first_line(res.stderr) or f'exit code {res.returncode}'}; is slurmctld up (`scontrol ping`)?")
 
 
 def parse_fields(line: str) -> dict[str, str]:

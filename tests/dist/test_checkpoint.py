@@ -20,8 +20,8 @@ def _exported(run_dir, lora=False):
     return load_file(str(run_dir / "export" / ("adapter_model.safetensors" if lora else "model.safetensors")))
 
 
-@pytest.mark.parametrize("strategy,nproc,lora", [("ddp", 2, False), ("fsdp", 2, False), ("ddp", 3, False),
-                                                 ("fsdp", 2, True)])
+# ddp on 3 ranks covers ddp on 2 (and DDP's bucket rebuild, which 2 ranks cannot show).
+@pytest.mark.parametrize("strategy,nproc,lora", [("fsdp", 2, False), ("ddp", 3, False), ("fsdp", 2, True)])
 def test_sigkill_then_resume_is_bit_identical(tmp_path, strategy, nproc, lora):
     """SIGKILL the whole torchrun job once the checkpoint of step 4 is complete, plant
     half-written checkpoints, resume with `resume: auto`: the final weights equal, bit for bit,

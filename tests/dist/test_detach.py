@@ -23,8 +23,10 @@ from tests.helpers import wait_until
 ROOT = Path(__file__).resolve().parents[2]
 MLAUNCH = [sys.executable, "-m", "launcher.cli"]
 #: A short tiny run: 10 steps, an eval at 5 and 10, no checkpoints but the last.
-SHORT = ["--set", "train.max_steps=10", "--set", "train.eval_every=5", "--set", "train.checkpoint.every_steps=1000"]
-ENDLESS = ["--set", "train.max_steps=100000", "--set", "train.checkpoint.every_steps=100000"]
+#: configs/tiny.yaml cut down: 2 layers, the first 160 rows (its tokenizer trains on fewer).
+SMALL = ["--set", "train.model.init.num_hidden_layers=2", "--set", "train.data.max_rows=160"]
+SHORT = [*SMALL, "--set", "train.max_steps=10", "--set", "train.eval_every=5", "--set", "train.checkpoint.every_steps=1000"]
+ENDLESS = [*SMALL, "--set", "train.max_steps=100000", "--set", "train.checkpoint.every_steps=100000"]
 ANSI = re.compile(r"\x1b\[")
 
 
