@@ -24,7 +24,7 @@ from launcher.fanout import fan_out
 from launcher.procs import scoped
 from launcher.plan import NodePlan, Plan
 from launcher.planning import write_resolved_config
-from launcher.shell import python_command, quote_path
+from launcher.shell import python_command, quote_path, shell_command
 
 
 def targets_for(cfg: JobConfig) -> dict[str, Any]:
@@ -142,8 +142,8 @@ def check_entrypoint(cfg: JobConfig, conns: dict[str, Any], plan: Plan) -> None:
     code, args = check
 
     def one(name: str, node: NodePlan) -> str | None:
-        prelude = [node.setup.strip()] if node.setup and node.setup.strip() else []  # e.g. a venv's activate
-        cmd = " && ".join([f"cd {quote_path(node.workdir)}", *prelude, python_command(node.python, code, *args)])
+        # In the node's workdir, after its setup (e.g. a venv's activate), as the job itself will run.
+        cmd = shell_command([node.python, "-c", code, *args], cwd=node.workdir, prelude=node.setup, exec_=False)
         res = conns[name].run(cmd, timeout=30)
         if res.exit_code == 0:
             return None
